@@ -1,0 +1,1 @@
+"""Platform connectors behind one protocol (``base``) and their registry (``registry``)."""

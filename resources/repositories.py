@@ -1,0 +1,320 @@
+"""Repositories over the store: ``users`` (identity + OAuth connections) and per-platform campaigns.
+
+Document shapes are in the blueprint (``../shared/reference/blueprint.md``) and summarised here:
+
+``users``::
+
+    {_id: ObjectId, email (lower-cased, unique), password_hash (bcrypt, str), created_at, updated_at,
+     session_epoch: int,
+     oauth: {<platform>: {status: "connected"|"needs_reauth", token: <Fernet ciphertext>, scopes: [str],
+                          expires_at: datetime|None (UTC), connected_at, refreshed_at,
+                          accounts: [{id, name, currency, time_zone, manager, manager_id?, status?}],
+                          last_error?: str, sync: {last_success_at?, last_status?, last_error?,
+                          last_run_at?, rows?: {...}}, ...platform extras (e.g. shop)}}}
+
+Campaign and metric documents are upserted on their natural keys with ``bulk_write``; documents whose
+content did not change are not written at all (a content hash ``_h`` is compared first), so a
+re-sync of unchanged data modifies 0 documents and a restated day overwrites.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import hashlib
+import json
+from decimal import Decimal
+from typing import Any, Iterable
+
+from bson import Decimal128, ObjectId
+from bson.errors import InvalidId
+from pymongo import ReturnDocument, UpdateOne
+from pymongo.database import Database
+from pymongo.errors import DuplicateKeyError
+
+from resources.store import CAMPAIGN_KEY, METRIC_KEY, campaigns_collection, metrics_collection
+
+CONNECTED = "connected"
+NEEDS_REAUTH = "needs_reauth"
+
+
+class DuplicateEmail(ValueError):
+    """A user with this email already exists."""
+
+
+def utcnow() -> dt.datetime:
+    """Current time, UTC, truncated to milliseconds (what BSON dates keep)."""
+    now = dt.datetime.now(dt.timezone.utc)
+    return now.replace(microsecond=(now.microsecond // 1000) * 1000)
+
+
+def normalize_email(email: str) -> str:
+    """Trim and lower-case an email address (the stored, unique form)."""
+    return (email or "").strip().lower()
+
+
+def parse_user_id(value: Any) -> ObjectId | None:
+    """An ObjectId from an ObjectId or a 24-char hex string; None when it is not one."""
+    if isinstance(value, ObjectId):
+        return value
+    if not isinstance(value, str):
+        return None
+    try:
+        return ObjectId(value)
+    except (InvalidId, TypeError):
+        return None
+
+
+class UserRepository:
+    """The ``users`` collection: identity and OAuth connections. Never campaign data."""
+
+    def __init__(self, db: Database):
+        self.col = db.users
+
+    # ---- identity ------------------------------------------------------------------------------
+    def create(self, email: str, password_hash: str) -> dict[str, Any]:
+        """Insert a user; returns the document.
+
+        Raises:
+            DuplicateEmail: the (normalised) email is taken.
+        """
+        now = utcnow()
+        doc = {"email": normalize_email(email), "password_hash": password_hash, "created_at": now,
+               "updated_at": now, "session_epoch": 0, "oauth": {}}
+        try:
+            result = self.col.insert_one(doc)
+        except DuplicateKeyError:
+            raise DuplicateEmail(normalize_email(email)) from None
+        doc["_id"] = result.inserted_id
+        return doc
+
+    def find_by_email(self, email: str) -> dict[str, Any] | None:
+        return self.col.find_one({"email": normalize_email(email)})
+
+    def get(self, user_id: Any) -> dict[str, Any] | None:
+        """The user by ObjectId or hex string; None when absent or not an id."""
+        oid = parse_user_id(user_id)
+        return self.col.find_one({"_id": oid}) if oid else None
+
+    def set_password(self, user_id: ObjectId, password_hash: str) -> None:
+        self.col.update_one({"_id": user_id}, {"$set": {"password_hash": password_hash, "updated_at": utcnow()}})
+
+    def bump_session_epoch(self, user_id: ObjectId) -> int:
+        """Invalidate every existing session of the user ("log out everywhere"); returns the new epoch."""
+        doc = self.col.find_one_and_update(
+            {"_id": user_id}, {"$inc": {"session_epoch": 1}, "$set": {"updated_at": utcnow()}},
+            return_document=ReturnDocument.AFTER,
+        )
+        return int(doc.get("session_epoch", 0)) if doc else 0
+
+    def delete(self, user_id: ObjectId) -> bool:
+        return self.col.delete_one({"_id": user_id}).deleted_count == 1
+
+    # ---- connections ---------------------------------------------------------------------------
+    def save_connection(self, user_id: ObjectId, platform_id: str, token_ciphertext: str, *,
+                        scopes: list[str], expires_at: dt.datetime | None, accounts: list[dict],
+                        extra: dict[str, Any] | None = None) -> dt.datetime:
+        """Store a fresh connection (replacing any previous one, including its sync record).
+
+        Returns ``connected_at`` (used in the sensor's run key, so a reconnect syncs again).
+        """
+        now = utcnow()
+        connection = {"status": CONNECTED, "token": token_ciphertext, "scopes": list(scopes),
+                      "expires_at": expires_at, "connected_at": now, "refreshed_at": now,
+                      "accounts": accounts, "sync": {}}
+        connection.update(extra or {})
+        self.col.update_one({"_id": user_id}, {"$set": {f"oauth.{platform_id}": connection, "updated_at": now}})
+        return now
+
+    def update_token(self, user_id: ObjectId, platform_id: str, token_ciphertext: str,
+                     expires_at: dt.datetime | None, accounts: list[dict] | None = None) -> bool:
+        """Save a refreshed token (status back to connected). Returns False if the connection is gone
+        (disconnected meanwhile), in which case nothing is written."""
+        fields = {f"oauth.{platform_id}.token": token_ciphertext, f"oauth.{platform_id}.expires_at": expires_at,
+                  f"oauth.{platform_id}.refreshed_at": utcnow(), f"oauth.{platform_id}.status": CONNECTED}
+        if accounts is not None:
+            fields[f"oauth.{platform_id}.accounts"] = accounts
+        result = self.col.update_one(
+            {"_id": user_id, f"oauth.{platform_id}.token": {"$exists": True}},
+            {"$set": fields, "$unset": {f"oauth.{platform_id}.last_error": ""}},
+        )
+        return result.matched_count == 1
+
+    def mark_needs_reauth(self, user_id: ObjectId, platform_id: str, error: str) -> None:
+        """Flag a connection whose grant no longer works; the portal asks the user to reconnect."""
+        self.col.update_one(
+            {"_id": user_id, f"oauth.{platform_id}": {"$exists": True}},
+            {"$set": {f"oauth.{platform_id}.status": NEEDS_REAUTH, f"oauth.{platform_id}.last_error": error,
+                      "updated_at": utcnow()}},
+        )
+
+    def record_sync(self, user_id: ObjectId, platform_id: str, *, status: str, error: str | None = None,
+                    rows: dict[str, int] | None = None, success: bool = False) -> None:
+        """Record the outcome of a sync run on the connection (shown in the portal)."""
+        now = utcnow()
+        fields: dict[str, Any] = {f"oauth.{platform_id}.sync.last_status": status,
+                                  f"oauth.{platform_id}.sync.last_run_at": now}
+        if success:
+            fields[f"oauth.{platform_id}.sync.last_success_at"] = now
+        if rows is not None:
+            fields[f"oauth.{platform_id}.sync.rows"] = rows
+        update: dict[str, Any] = {"$set": fields}
+        if error:
+            fields[f"oauth.{platform_id}.sync.last_error"] = error
+        else:
+            update["$unset"] = {f"oauth.{platform_id}.sync.last_error": ""}
+        self.col.update_one({"_id": user_id, f"oauth.{platform_id}": {"$exists": True}}, update)
+
+    def clear_connection(self, user_id: ObjectId, platform_id: str) -> bool:
+        """Remove the connection and its token. Returns True if there was one."""
+        result = self.col.update_one(
+            {"_id": user_id, f"oauth.{platform_id}": {"$exists": True}},
+            {"$unset": {f"oauth.{platform_id}": ""}, "$set": {"updated_at": utcnow()}},
+        )
+        return result.modified_count == 1
+
+    def connections(self, platform_id: str, projection: dict | None = None) -> Iterable[dict[str, Any]]:
+        """Users with a connection (any status) to the platform."""
+        return self.col.find({f"oauth.{platform_id}.token": {"$exists": True}},
+                             projection or {"_id": 1, f"oauth.{platform_id}": 1})
+
+    def connection(self, user_id: Any, platform_id: str) -> dict[str, Any] | None:
+        """The ``oauth.<platform>`` sub-document of a user, or None."""
+        oid = parse_user_id(user_id)
+        if oid is None:
+            return None
+        doc = self.col.find_one({"_id": oid}, {f"oauth.{platform_id}": 1})
+        return ((doc or {}).get("oauth") or {}).get(platform_id)
+
+
+@dataclasses.dataclass
+class UpsertResult:
+    """Outcome of a bulk upsert: documents inserted, updated (content changed), unchanged (skipped)."""
+
+    inserted: int = 0
+    updated: int = 0
+    unchanged: int = 0
+
+    def __iadd__(self, other: "UpsertResult") -> "UpsertResult":
+        self.inserted += other.inserted
+        self.updated += other.updated
+        self.unchanged += other.unchanged
+        return self
+
+    @property
+    def written(self) -> int:
+        return self.inserted + self.updated
+
+
+def to_bson(value: Any) -> Any:
+    """Decimals become Decimal128 (exact money); dates become ISO strings; containers recurse."""
+    if isinstance(value, Decimal):
+        return Decimal128(value)
+    if isinstance(value, dict):
+        return {k: to_bson(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_bson(v) for v in value]
+    if isinstance(value, dt.date) and not isinstance(value, dt.datetime):
+        return value.isoformat()
+    return value
+
+
+def content_hash(doc: dict[str, Any]) -> str:
+    """A stable hash of a document's content (key order and Decimal formatting normalised)."""
+
+    def default(value):
+        if isinstance(value, Decimal):
+            return format(value.normalize(), "f")
+        if isinstance(value, Decimal128):
+            return format(value.to_decimal().normalize(), "f")
+        if isinstance(value, (dt.date, dt.datetime)):
+            return value.isoformat()
+        if isinstance(value, ObjectId):
+            return str(value)
+        raise TypeError(type(value).__name__)
+
+    return hashlib.sha1(json.dumps(doc, sort_keys=True, default=default).encode()).hexdigest()
+
+
+class KeyedCollectionRepository:
+    """Bulk upsert of documents on a natural key, skipping unchanged ones."""
+
+    def __init__(self, collection, key: tuple[str, ...]):
+        self.col = collection
+        self.key = key
+
+    def upsert_many(self, docs: list[dict[str, Any]], synced_at: dt.datetime | None = None) -> UpsertResult:
+        """Upsert a batch (one ``bulk_write``, unordered). Each doc must hold every key field.
+
+        Content is compared by hash first; unchanged documents are not sent. Changed and new ones get
+        ``last_synced = synced_at`` (UTC). Returns counts.
+        """
+        if not docs:
+            return UpsertResult()
+        synced_at = synced_at or utcnow()
+        existing = self._existing_hashes(docs)
+        ops, result = [], UpsertResult()
+        seen: set[tuple] = set()
+        for doc in docs:
+            key = tuple(doc[k] for k in self.key)
+            if key in seen:
+                continue
+            seen.add(key)
+            body = {k: v for k, v in doc.items() if k not in self.key}
+            digest = content_hash(body)
+            old = existing.get(key)
+            if old == digest:
+                result.unchanged += 1
+                continue
+            if old is None:
+                result.inserted += 1
+            else:
+                result.updated += 1
+            body = to_bson(body)
+            body["_h"] = digest
+            body["last_synced"] = synced_at
+            ops.append(UpdateOne({k: doc[k] for k in self.key}, {"$set": body}, upsert=True))
+        if ops:
+            self.col.bulk_write(ops, ordered=False)
+        return result
+
+    def _existing_hashes(self, docs: list[dict[str, Any]]) -> dict[tuple, str]:
+        query = {}
+        for field in self.key:
+            values = list({d[field] for d in docs})
+            query[field] = values[0] if len(values) == 1 else {"$in": values}
+        projection = {field: 1 for field in self.key}
+        projection.update({"_h": 1, "_id": 0})
+        return {tuple(d.get(f) for f in self.key): d.get("_h") for d in self.col.find(query, projection)}
+
+
+class CampaignRepository:
+    """A platform's ``<id>_campaigns`` and ``<id>_campaign_metrics`` collections."""
+
+    def __init__(self, db: Database, platform_id: str):
+        self.platform_id = platform_id
+        self.campaigns = KeyedCollectionRepository(db[campaigns_collection(platform_id)], CAMPAIGN_KEY)
+        self.metrics = KeyedCollectionRepository(db[metrics_collection(platform_id)], METRIC_KEY)
+
+    def upsert_campaigns(self, user_id: ObjectId, docs: Iterable[dict[str, Any]],
+                         synced_at: dt.datetime | None = None) -> UpsertResult:
+        """Upsert campaign documents (``account_id``, ``campaign_id`` set by the connector)."""
+        return self.campaigns.upsert_many([{**d, "user_id": user_id} for d in docs], synced_at)
+
+    def upsert_metrics(self, user_id: ObjectId, docs: Iterable[dict[str, Any]],
+                       synced_at: dt.datetime | None = None) -> UpsertResult:
+        """Upsert daily metric documents (``date`` = account-local ``YYYY-MM-DD``)."""
+        return self.metrics.upsert_many([{**d, "user_id": user_id} for d in docs], synced_at)
+
+    def campaigns_for_user(self, user_id: ObjectId, **filters) -> list[dict[str, Any]]:
+        return list(self.campaigns.col.find({"user_id": user_id, **filters}, {"_h": 0}))
+
+    def metrics_for_user(self, user_id: ObjectId, **filters) -> list[dict[str, Any]]:
+        return list(self.metrics.col.find({"user_id": user_id, **filters}, {"_h": 0}))
+
+    def delete_user(self, user_id: ObjectId, account_ids: list[str] | None = None) -> int:
+        """Delete a user's documents (optionally only some accounts); returns how many."""
+        query: dict[str, Any] = {"user_id": user_id}
+        if account_ids is not None:
+            query["account_id"] = {"$in": account_ids}
+        return (self.campaigns.col.delete_many(query).deleted_count
+                + self.metrics.col.delete_many(query).deleted_count)
