@@ -38,6 +38,7 @@ def ensure_jars(jar_dir: Path, log=print) -> Path:
     Raises:
         ConfigurationError: jars missing and Maven/Java unavailable, or the download failed.
     """
+    jar_dir = Path(jar_dir).resolve()
     if all((jar_dir / name).exists() for name in REQUIRED_JARS):
         return jar_dir
     if not shutil.which("java"):

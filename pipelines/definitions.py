@@ -1,0 +1,29 @@
+"""The Dagster code location (``workspace.yaml`` → ``pipelines.definitions``): every object is
+generated from the platform registry."""
+from __future__ import annotations
+
+from dagster import Definitions
+
+from pipelines.assets import PlatformDefinitions, build_platform_definitions
+from pipelines.schedules import build_schedules
+from pipelines.sensors import build_connections_sensor, build_sync_request_sensors
+from resources.platforms.registry import platform_ids
+from resources.store.resource import MongoStoreResource
+
+
+def build_definitions(store: MongoStoreResource | None = None) -> tuple[Definitions, dict[str, PlatformDefinitions]]:
+    """Build the Definitions and return them with the per-platform objects (for tests and tools)."""
+    platforms = {pid: build_platform_definitions(pid) for pid in platform_ids()}
+    assets, jobs, sensors, schedules = [], [], [], []
+    for platform in platforms.values():
+        assets += [platform.token_asset, platform.campaigns_asset]
+        jobs += [platform.sync_job, platform.token_job]
+        sensors.append(build_connections_sensor(platform))
+        schedules += build_schedules(platform)
+    sensors += build_sync_request_sensors(list(platforms.values()))
+    definitions = Definitions(assets=assets, jobs=jobs, sensors=sensors, schedules=schedules,
+                              resources={"store": store or MongoStoreResource()})
+    return definitions, platforms
+
+
+defs, PLATFORMS = build_definitions()

@@ -1,0 +1,234 @@
+"""The work behind the token and campaigns assets, as plain functions over the store and a connector.
+
+Dagster assets (``pipelines.assets``) call these; benchmarks call them too. Nothing here imports
+Dagster: outcomes are returned as dataclasses and the asset turns them into metadata, checks and
+``Failure``s.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import logging
+import time
+from typing import Any, Callable
+from zoneinfo import ZoneInfo
+
+from bson import ObjectId
+from pymongo.database import Database
+
+from resources.crypto import TokenCipher
+from resources.platforms.base import (Account, Connector, PlatformError, RateLimited, ReauthRequired,
+                                      batched)
+from resources.repositories import (NEEDS_REAUTH, CampaignRepository, UpsertResult, UserRepository,
+                                    utcnow)
+
+log = logging.getLogger(__name__)
+
+#: documents per ``bulk_write``
+BATCH_SIZE = 2000
+
+
+class NotConnected(PlatformError):
+    """The (user, platform) pair has no stored connection (disconnected since the run was asked)."""
+
+
+class ConnectionNeedsReauth(PlatformError):
+    """The connection is marked ``needs_reauth``; nothing is called until the user reconnects."""
+
+
+@dataclasses.dataclass
+class TokenOutcome:
+    """Result of ``refresh_connection``.
+
+    Attributes:
+        refreshed: a new access token was obtained and saved.
+        expires_at: when the (possibly new) access token expires, UTC; None if it does not.
+        accounts: number of accounts the token reaches (validated by listing them).
+    """
+
+    refreshed: bool
+    expires_at: dt.datetime | None
+    accounts: int
+
+
+@dataclasses.dataclass
+class AccountOutcome:
+    """What one account's sync did. Dates are the account's local dates."""
+
+    account_id: str
+    currency: str
+    start: dt.date
+    end: dt.date
+    campaigns: UpsertResult
+    metrics: UpsertResult
+    metric_rows: int
+
+
+@dataclasses.dataclass
+class SyncOutcome:
+    """Result of ``sync_connection``: per-account results, totals and API call count."""
+
+    accounts: list[AccountOutcome]
+    api_calls: int
+    first_sync: bool
+    seconds: float
+
+    @property
+    def campaigns(self) -> UpsertResult:
+        total = UpsertResult()
+        for account in self.accounts:
+            total += account.campaigns
+        return total
+
+    @property
+    def metrics(self) -> UpsertResult:
+        total = UpsertResult()
+        for account in self.accounts:
+            total += account.metrics
+        return total
+
+    def rows(self) -> dict[str, int]:
+        """Counts recorded on the connection and shown in the portal."""
+        c, m = self.campaigns, self.metrics
+        return {"campaigns": c.inserted + c.updated + c.unchanged, "metric_rows": m.inserted + m.updated + m.unchanged,
+                "written": c.written + m.written}
+
+
+def expires_at_datetime(token: dict[str, Any]) -> dt.datetime | None:
+    """``token["expires_at"]`` (epoch seconds) as an aware UTC datetime, or None."""
+    value = token.get("expires_at")
+    return dt.datetime.fromtimestamp(float(value), dt.timezone.utc) if value else None
+
+
+def _load_connection(users: UserRepository, user_id: ObjectId, connector: Connector) -> dict[str, Any]:
+    connection = users.connection(user_id, connector.id)
+    if not connection or not connection.get("token"):
+        raise NotConnected(f"user {user_id} has no {connector.display_name} connection")
+    return connection
+
+
+def refresh_connection(db: Database, cipher: TokenCipher, connector: Connector, user_id: ObjectId, *,
+                       margin_seconds: int = 600, now: dt.datetime | None = None,
+                       force: bool = False) -> TokenOutcome:
+    """Refresh the access token if it expires within ``margin_seconds`` (or ``force``), save it, and
+    validate the grant by listing the accounts (saved too).
+
+    Raises:
+        NotConnected: no connection stored.
+        ReauthRequired: the grant is revoked/invalid; the connection is marked ``needs_reauth`` first.
+        TransientPlatformError, RateLimited: temporary; nothing is changed.
+    """
+    users = UserRepository(db)
+    connection = _load_connection(users, user_id, connector)
+    token = cipher.decrypt(connection["token"])
+    now = now or dt.datetime.now(dt.timezone.utc)
+    refreshed = False
+    try:
+        if force or connector.needs_refresh(token, now, margin_seconds):
+            token = connector.refresh(token)
+            refreshed = True
+            # Saved before anything else can fail: a rotated refresh token must never be lost.
+            if not users.update_token(user_id, connector.id, cipher.encrypt(token), expires_at_datetime(token)):
+                raise NotConnected(f"user {user_id} disconnected {connector.display_name} during refresh")
+        accounts = connector.list_accounts(token)
+    except ReauthRequired as exc:
+        users.mark_needs_reauth(user_id, connector.id, str(exc))
+        raise
+    users.update_token(user_id, connector.id, cipher.encrypt(token), expires_at_datetime(token),
+                       accounts=[a.to_doc() for a in accounts])
+    return TokenOutcome(refreshed=refreshed, expires_at=expires_at_datetime(token), accounts=len(accounts))
+
+
+def sync_window(account: Account, days: int, now: dt.datetime) -> tuple[dt.date, dt.date]:
+    """``(start, end)`` covering the last ``days`` days up to today in the account's time zone."""
+    try:
+        zone = ZoneInfo(account.time_zone)
+    except Exception:  # unknown zone: fall back to UTC rather than fail the sync
+        zone = dt.timezone.utc
+    end = now.astimezone(zone).date()
+    return end - dt.timedelta(days=days - 1), end
+
+
+def sync_connection(db: Database, cipher: TokenCipher, connector: Connector, user_id: ObjectId, *,
+                    lookback_days: int = 14, history_days: int = 90, now: dt.datetime | None = None,
+                    progress: Callable[[str], None] | None = None, batch_size: int = BATCH_SIZE) -> SyncOutcome:
+    """Extract campaigns and daily metrics of every syncable account and load both collections.
+
+    The first sync of a connection (no ``sync.last_success_at`` since it was connected) reads
+    ``history_days``; later syncs re-read the last ``lookback_days`` (restated days overwrite).
+    Metrics stream in batches of ``batch_size`` documents; campaign documents carry totals over every
+    stored day (``impressions``, ``clicks``, ``spend`` in currency units, ``totals_from``/``totals_to``).
+
+    Raises:
+        NotConnected, ConnectionNeedsReauth: nothing to do / must reconnect first.
+        ReauthRequired: the platform rejected the token; the connection is marked ``needs_reauth``.
+        TransientPlatformError, RateLimited: temporary; rows already loaded stay (upserts are idempotent).
+    """
+    started = time.monotonic()
+    users = UserRepository(db)
+    connection = _load_connection(users, user_id, connector)
+    if connection.get("status") == NEEDS_REAUTH:
+        raise ConnectionNeedsReauth(
+            f"{connector.display_name} connection needs to be reconnected: {connection.get('last_error', '')}".strip())
+    token = cipher.decrypt(connection["token"])
+    first_sync = not (connection.get("sync") or {}).get("last_success_at")
+    days = history_days if first_sync else lookback_days
+    now = now or dt.datetime.now(dt.timezone.utc)
+    repo = CampaignRepository(db, connector.id)
+    say = progress or (lambda message: log.info(message))
+    outcomes: list[AccountOutcome] = []
+    session = connector.open_session(token)
+    try:
+        accounts = [Account.from_doc(a) for a in connection.get("accounts", [])]
+        syncable = [a for a in accounts if session.syncable(a)]
+        for index, account in enumerate(syncable, 1):
+            start, end = sync_window(account, days, now)
+            synced_at = utcnow()
+            metrics_result, metric_rows = UpsertResult(), 0
+            for batch in batched(session.fetch_daily_metrics(account, start, end), batch_size):
+                metrics_result += repo.upsert_metrics(user_id, batch, synced_at)
+                metric_rows += len(batch)
+            totals = _campaign_totals(repo, user_id, account.id)
+            campaign_docs = []
+            for doc in session.fetch_campaigns(account):
+                doc.update(totals.get(doc["campaign_id"], _ZERO_TOTALS))
+                campaign_docs.append(doc)
+            campaigns_result = UpsertResult()
+            for batch in batched(campaign_docs, batch_size):
+                campaigns_result += repo.upsert_campaigns(user_id, batch, synced_at)
+            outcomes.append(AccountOutcome(account.id, account.currency, start, end, campaigns_result,
+                                           metrics_result, metric_rows))
+            say(f"account {index}/{len(syncable)} {account.id} ({account.currency}): "
+                f"{len(campaign_docs)} campaigns, {metric_rows} metric rows {start}..{end}, "
+                f"written {campaigns_result.written + metrics_result.written}")
+    except ReauthRequired as exc:
+        users.mark_needs_reauth(user_id, connector.id, str(exc))
+        raise
+    finally:
+        session.close()
+    return SyncOutcome(outcomes, session.stats.api_calls, first_sync, time.monotonic() - started)
+
+
+_ZERO_TOTALS = {"impressions": 0, "clicks": 0, "spend": None, "totals_from": None, "totals_to": None}
+
+
+def _campaign_totals(repo: CampaignRepository, user_id: ObjectId, account_id: str) -> dict[str, dict]:
+    """Totals per campaign over every stored day of an account (one aggregate)."""
+    pipeline = [
+        {"$match": {"user_id": user_id, "account_id": account_id}},
+        {"$group": {"_id": "$campaign_id", "impressions": {"$sum": "$impressions"}, "clicks": {"$sum": "$clicks"},
+                    "spend": {"$sum": "$spend"}, "first": {"$min": "$date"}, "last": {"$max": "$date"}}},
+    ]
+    totals = {}
+    for row in repo.metrics.col.aggregate(pipeline):
+        spend = row.get("spend")
+        totals[row["_id"]] = {"impressions": int(row.get("impressions") or 0), "clicks": int(row.get("clicks") or 0),
+                              "spend": spend.to_decimal() if hasattr(spend, "to_decimal") else spend,
+                              "totals_from": row.get("first"), "totals_to": row.get("last")}
+    return totals
+
+
+def describe_rate_limit(exc: RateLimited) -> str:
+    """A user-facing sentence for a rate limit that stops the partition until the next schedule."""
+    wait = f" (the platform asks to wait {exc.retry_after:.0f}s)" if exc.retry_after else ""
+    return f"rate limited{wait}: deferred to the next scheduled sync; nothing was lost"

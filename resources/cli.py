@@ -1,0 +1,71 @@
+"""``unified-ads`` console script: one entry point for the store, the sandbox, the portal and the demo.
+
+    unified-ads store            run the embedded MongoDB-wire store (foreground)
+    unified-ads sandbox          run the offline platform sandbox (foreground)
+    unified-ads portal           run the portal (development server)
+    unified-ads demo [--once]    everything together; --once runs the headless end-to-end check
+    unified-ads rotate-keys      re-encrypt every stored token under the newest key
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="unified-ads", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("store", help="run the embedded MongoDB-wire store in the foreground")
+    sub.add_parser("sandbox", help="run the offline platform sandbox in the foreground")
+    portal = sub.add_parser("portal", help="run the portal (Flask development server)")
+    portal.add_argument("--port", type=int, default=5000)
+    demo = sub.add_parser("demo", help="store + sandbox + portal + Dagster UI; --once: headless check")
+    demo.add_argument("--once", action="store_true", help="sign up, connect, sync through Dagster, verify, exit")
+    demo.add_argument("--portal-port", type=int, default=5000)
+    demo.add_argument("--dagster-port", type=int, default=3000)
+    sub.add_parser("rotate-keys", help="re-encrypt stored tokens under the newest TOKEN_ENCRYPTION_KEYS key")
+    args = parser.parse_args(argv)
+
+    if args.command == "store":
+        from resources.store.embedded import main as store_main
+
+        return store_main()
+    if args.command == "sandbox":
+        from sandbox.server import main as sandbox_main
+
+        return sandbox_main([])
+    if args.command == "portal":
+        from oauth_portal import create_app
+
+        create_app().run(host="127.0.0.1", port=args.port)
+        return 0
+    if args.command == "demo":
+        from sandbox.demo import run_demo
+
+        return run_demo(once=args.once, portal_port=args.portal_port, dagster_port=args.dagster_port)
+    if args.command == "rotate-keys":
+        return _rotate_keys()
+    return 2
+
+
+def _rotate_keys() -> int:
+    from resources.crypto import TokenCipher
+    from resources.settings import get_settings
+    from resources.store import get_database
+
+    settings = get_settings()
+    cipher = TokenCipher.from_settings(settings)
+    db = get_database(settings)
+    count = 0
+    for user in db.users.find({"oauth": {"$exists": True}}, {"oauth": 1}):
+        for platform_id, connection in (user.get("oauth") or {}).items():
+            if connection.get("token"):
+                db.users.update_one({"_id": user["_id"]}, {"$set": {
+                    f"oauth.{platform_id}.token": cipher.rotate(connection["token"])}})
+                count += 1
+    print(f"re-encrypted {count} tokens under the newest key")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

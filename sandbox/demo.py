@@ -1,0 +1,308 @@
+"""``make demo`` and ``make demo-once``: the whole product on one machine, offline.
+
+``run_demo(once=False)`` starts the embedded store (unless ``MONGODB_URI`` is set), the sandbox, the
+portal and ``dagster dev`` (webserver + daemon), creates a demo user and prints URLs and credentials;
+Ctrl-C stops everything.
+
+``run_demo(once=True)`` is the headless end-to-end check: it signs a new user up over HTTP, walks every
+registered platform's OAuth consent over HTTP, lets the connections sensor add the partitions, runs each
+platform's sync job through Dagster (instance under ``data/dagster_home``, so the runs show in the UI
+later), prints accounts / campaigns / metric rows / spend per currency, and exits 0 only when the store
+equals the sandbox truth for every campaign and day.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import defaultdict
+from decimal import Decimal
+from pathlib import Path
+
+from resources.settings import PROJECT_ROOT, ConfigurationError, get_settings
+
+DEMO_EMAIL = "demo@example.com"
+DEMO_PASSWORD = "demo-password-2026"
+
+DAGSTER_YAML = """\
+# Written by `make demo`. Dagster's own storage is SQLite under this folder.
+telemetry:
+  enabled: false
+concurrency:
+  pools:
+    default_limit: 2
+run_monitoring:
+  enabled: true
+"""
+
+
+def _say(message: str) -> None:
+    print(message, flush=True)
+
+
+class Services:
+    """Store + sandbox + portal started in this process (threads/children), stopped together."""
+
+    def __init__(self, data_dir: Path, portal_port: int):
+        self.data_dir = data_dir
+        self.portal_port = portal_port
+        self.store = None
+        self.sandbox = None
+        self.portal_server = None
+        self.env: dict[str, str] = {}
+
+    def start(self) -> dict[str, str]:
+        from resources.store.embedded import EmbeddedStore
+        from sandbox.server import SandboxServer
+
+        settings = get_settings()
+        env: dict[str, str] = {}
+        if settings.mongodb_uri:
+            _say(f"[store] using MONGODB_URI")
+        else:
+            self.store = EmbeddedStore(self.data_dir, publish=True, log=_say)
+            env["MONGODB_URI"] = self.store.start()
+        self.sandbox = SandboxServer(self.data_dir / "sandbox")
+        self.sandbox.start()
+        env.update(self.sandbox.env)
+        self.sandbox.write_env_file(self.data_dir / "sandbox.env")
+        env["PORTAL_BASE_URL"] = f"http://127.0.0.1:{self.portal_port}"
+        env["DATA_DIR"] = str(self.data_dir)
+        os.environ.update(env)
+        get_settings.cache_clear()
+        self.env = env
+        _say(f"[sandbox] {self.sandbox.base_url} (endpoints written to {self.data_dir / 'sandbox.env'})")
+        self._start_portal()
+        return env
+
+    def _start_portal(self) -> None:
+        from werkzeug.serving import make_server
+
+        from oauth_portal import create_app
+
+        app = create_app()
+        self.portal_server = make_server("127.0.0.1", self.portal_port, app, threaded=True)
+        threading.Thread(target=self.portal_server.serve_forever, daemon=True, name="portal").start()
+        _say(f"[portal] {self.env['PORTAL_BASE_URL']}")
+
+    def stop(self) -> None:
+        if self.portal_server is not None:
+            self.portal_server.shutdown()
+        if self.sandbox is not None:
+            self.sandbox.stop()
+        if self.store is not None:
+            self.store.stop()
+
+
+def _dagster_home(data_dir: Path) -> Path:
+    home = data_dir / "dagster_home"
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "dagster.yaml").write_text(DAGSTER_YAML)
+    return home
+
+
+def run_demo(once: bool = False, portal_port: int = 5000, dagster_port: int = 3000) -> int:
+    """Entry point of ``unified-ads demo``; returns the process exit code."""
+    settings = get_settings()
+    data_dir = settings.ensure_data_dir().resolve()
+    os.environ["DAGSTER_HOME"] = str(_dagster_home(data_dir))
+    services = Services(data_dir, portal_port)
+    try:
+        services.start()
+    except (ConfigurationError, OSError) as exc:
+        services.stop()
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        if once:
+            return run_once(services)
+        return run_interactive(services, dagster_port)
+    finally:
+        services.stop()
+
+
+def run_interactive(services: Services, dagster_port: int) -> int:
+    """Demo user + ``dagster dev``; blocks until Ctrl-C."""
+    from resources.store import ensure_indexes, get_database
+
+    db = get_database()
+    ensure_indexes(db)
+    _ensure_demo_user(db)
+    env = {**os.environ, **services.env}
+    venv_bin = Path(sys.executable).parent
+    dagster = venv_bin / "dagster" if (venv_bin / "dagster").exists() else "dagster"
+    proc = subprocess.Popen(
+        [str(dagster), "dev", "-w", str(PROJECT_ROOT / "workspace.yaml"), "-h", "127.0.0.1", "-p", str(dagster_port)],
+        cwd=PROJECT_ROOT, env=env, start_new_session=True,
+    )
+    portal = services.env["PORTAL_BASE_URL"]
+    _say("")
+    _say("=" * 72)
+    _say(f"  Portal      {portal}   log in as {DEMO_EMAIL} / {DEMO_PASSWORD} (or sign up)")
+    _say(f"  Dagster UI  http://127.0.0.1:{dagster_port}   (daemon included: sensors + schedules run)")
+    _say(f"  Sandbox     {services.sandbox.base_url}   (offline Google/Meta/Shopify stand-ins)")
+    _say(f"  Store       {os.environ.get('MONGODB_URI', '')}   database {get_settings().mongodb_db}")
+    _say("  Connect a platform in the portal; the connections sensor starts the first sync within ~15 s.")
+    _say("  Ctrl-C stops everything.")
+    _say("=" * 72)
+    try:
+        while proc.poll() is None:
+            time.sleep(1)
+        _say(f"dagster dev exited with {proc.returncode}")
+        return proc.returncode or 1
+    except KeyboardInterrupt:
+        _say("stopping…")
+        return 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGINT)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _ensure_demo_user(db) -> None:
+    import bcrypt
+
+    from resources.repositories import UserRepository
+
+    users = UserRepository(db)
+    if users.find_by_email(DEMO_EMAIL) is None:
+        users.create(DEMO_EMAIL, bcrypt.hashpw(DEMO_PASSWORD.encode(), bcrypt.gensalt()).decode())
+
+
+# ---- headless end-to-end check -----------------------------------------------------------------
+def signup_and_login(walker, portal: str, email: str, password: str) -> None:
+    """Sign a user up through the portal's form (which logs them in)."""
+    page = walker.get(f"{portal}/signup")
+    form = walker.form(page, action_contains="/signup")
+    fields = {name: password for name in form.fields if "password" in name}
+    fields["email"] = email
+    response = walker.submit(form, fields)
+    if response.status_code != 200 or "/signup" in response.url:
+        raise RuntimeError(f"sign-up failed: HTTP {response.status_code} at {response.url}")
+
+
+def connect_platform(walker, portal: str, platform_id: str, form_values: dict[str, str] | None = None):
+    """Press "Connect" for a platform, then "Allow" on the sandbox consent page; returns the final page."""
+    page = walker.get(f"{portal}/connections")
+    form = walker.form(page, action_contains=f"/connections/{platform_id}/connect")
+    consent = walker.submit(form, form_values or {})
+    if consent.url.startswith(portal):
+        raise RuntimeError(f"connect {platform_id}: expected the sandbox consent page, got {consent.url} "
+                           f"(HTTP {consent.status_code})")
+    allow = walker.form(consent, button="allow")
+    final = walker.submit(allow, button="allow")
+    if final.status_code != 200 or not final.url.startswith(portal):
+        raise RuntimeError(f"connect {platform_id}: callback failed with HTTP {final.status_code} at {final.url}")
+    return final
+
+
+def run_once(services: Services) -> int:
+    from dagster import DagsterInstance, build_sensor_context
+
+    from pipelines.definitions import PLATFORMS, defs
+    from resources.repositories import UserRepository
+    from resources.store import get_database
+    from sandbox.walk import Walker
+
+    portal = services.env["PORTAL_BASE_URL"]
+    db = get_database()
+    email = f"demo-once-{dt.datetime.now(dt.timezone.utc):%Y%m%d%H%M%S}-{secrets.token_hex(3)}@example.com"
+    password = secrets.token_urlsafe(16)
+    walker = Walker()
+    _say(f"[1/4] signing up {email} through the portal")
+    signup_and_login(walker, portal, email, password)
+    user = UserRepository(db).find_by_email(email)
+    user_id = str(user["_id"])
+
+    platform_ids = [pid for pid in PLATFORMS if services.sandbox.has_platform(pid)]
+    for pid in platform_ids:
+        _say(f"[2/4] connecting {pid} through the sandbox consent page")
+        connect_platform(walker, portal, pid, services.sandbox.platform(pid).connect_form_values())
+
+    _say("[3/4] running the connections sensor and the sync jobs through Dagster")
+    instance = DagsterInstance.get()
+    failures = 0
+    for pid in platform_ids:
+        platform = PLATFORMS[pid]
+        sensor = defs.get_sensor_def(f"{pid}_connections_sensor")
+        with build_sensor_context(instance=instance, definitions=defs, resources={"store": defs.resources["store"]}) as ctx:
+            result = sensor.evaluate_tick(ctx)
+        for request in result.dynamic_partitions_requests or []:
+            if hasattr(request, "partition_keys") and type(request).__name__.startswith("Add"):
+                instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
+        if user_id not in instance.get_dynamic_partitions(platform.partitions.name):
+            _say(f"  {pid}: the sensor did not add partition {user_id}")
+            failures += 1
+            continue
+        job = defs.resolve_job_def(platform.sync_job.name)
+        started = time.monotonic()
+        outcome = job.execute_in_process(instance=instance, partition_key=user_id, raise_on_error=False,
+                                         tags={"trigger": "demo-once"})
+        _say(f"  {pid}: run {outcome.run_id[:8]} {'succeeded' if outcome.success else 'FAILED'} "
+             f"in {time.monotonic() - started:.1f}s")
+        failures += 0 if outcome.success else 1
+
+    _say("[4/4] comparing the store with the sandbox truth")
+    ok = failures == 0
+    for pid in platform_ids:
+        ok &= _report_and_verify(db, services.sandbox.platform(pid), pid, user["_id"])
+    _say("demo-once: " + ("OK — the store equals the sandbox truth" if ok else "FAILED"))
+    return 0 if ok else 1
+
+
+def _report_and_verify(db, platform_sandbox, platform_id: str, user_id) -> bool:
+    from resources.store import campaigns_collection, metrics_collection
+
+    campaigns = list(db[campaigns_collection(platform_id)].find({"user_id": user_id}))
+    metrics = db[metrics_collection(platform_id)]
+    rows = defaultdict(lambda: {"campaigns": 0, "metric_rows": 0, "spend": Decimal(0), "currency": "", "dates": set()})
+    stored: dict[tuple, tuple] = {}
+    for doc in metrics.find({"user_id": user_id}):
+        row = rows[doc["account_id"]]
+        row["metric_rows"] += 1
+        spend = doc["spend"].to_decimal()
+        row["spend"] += spend
+        row["currency"] = doc["currency"]
+        row["dates"].add(doc["date"])
+        stored[(doc["account_id"], doc["campaign_id"], doc["date"])] = (doc["impressions"], doc["clicks"], spend)
+    for doc in campaigns:
+        rows[doc["account_id"]]["campaigns"] += 1
+        rows[doc["account_id"]]["currency"] = doc.get("currency", rows[doc["account_id"]]["currency"])
+    _say(f"  {platform_id}:")
+    _say(f"    {'account':<14}{'currency':<10}{'campaigns':>10}{'metric rows':>13}{'spend':>16}  dates")
+    per_currency: dict[str, Decimal] = defaultdict(Decimal)
+    ok = True
+    for account_id, row in sorted(rows.items()):
+        dates = sorted(row["dates"])
+        span = f"{dates[0]}..{dates[-1]}" if dates else "-"
+        _say(f"    {account_id:<14}{row['currency']:<10}{row['campaigns']:>10}{row['metric_rows']:>13}"
+             f"{row['spend']:>16,.2f}  {span}")
+        per_currency[row["currency"]] += row["spend"]
+        if not dates:
+            continue
+        start, end = dt.date.fromisoformat(dates[0]), dt.date.fromisoformat(dates[-1])
+        expected = {(account_id, m["campaign_id"], m["date"]): (m["impressions"], m["clicks"], m["spend"])
+                    for m in platform_sandbox.expected_metrics(account_id, start, end)}
+        actual = {k: v for k, v in stored.items() if k[0] == account_id}
+        if expected != actual:
+            ok = False
+            missing = len(set(expected) - set(actual))
+            extra = len(set(actual) - set(expected))
+            differ = sum(1 for k in set(expected) & set(actual) if expected[k] != actual[k])
+            _say(f"    MISMATCH in {account_id}: {missing} missing, {extra} unexpected, {differ} different rows")
+        truth_campaigns = {c["campaign_id"] for c in platform_sandbox.expected_campaigns(account_id)}
+        got_campaigns = {c["campaign_id"] for c in campaigns if c["account_id"] == account_id}
+        if truth_campaigns != got_campaigns:
+            ok = False
+            _say(f"    MISMATCH in {account_id}: campaigns {len(got_campaigns)} stored vs {len(truth_campaigns)} in truth")
+    for currency, total in sorted(per_currency.items()):
+        _say(f"    total spend {currency}: {total:,.2f}")
+    return ok
