@@ -1,0 +1,198 @@
+"""Blueprint ``auth``: sign up, log in, log out (and log out everywhere).
+
+Passwords are hashed with bcrypt. Login failures say only "invalid email or password", take the same
+time whether or not the email exists, and are rate-limited per client IP.
+"""
+from __future__ import annotations
+
+import re
+from urllib.parse import urlsplit
+
+import bcrypt
+from flask import Blueprint, current_app, flash, redirect, render_template, request, session, url_for
+from flask_login import current_user, login_required, login_user, logout_user
+from flask_wtf import FlaskForm
+from wtforms import EmailField, HiddenField, PasswordField
+from wtforms.validators import DataRequired, EqualTo, Length, Regexp, ValidationError
+
+from oauth_portal.core import PortalUser, portal_state
+from oauth_portal.extensions import limiter
+from resources.repositories import DuplicateEmail, normalize_email
+
+bp = Blueprint("auth", __name__)
+
+MIN_PASSWORD_LENGTH = 10
+#: bcrypt only looks at the first 72 bytes; longer passwords are refused rather than truncated.
+MAX_PASSWORD_BYTES = 72
+
+#: A small list of passwords that meet the length rule but are among the most used ones.
+COMMON_PASSWORDS = frozenset({
+    "password12", "password123", "password1234", "password!1", "passw0rd12", "p@ssw0rd12",
+    "1234567890", "12345678910", "123456789a", "0123456789", "0987654321", "1111111111",
+    "1q2w3e4r5t", "qwertyuiop", "qwerty1234", "qwerty12345", "qwerty123456", "asdfghjkl1",
+    "iloveyou12", "letmein123", "welcome123", "changeme123", "admin12345", "administrator",
+    "football12", "baseball12", "sunshine12", "princess12", "monkey1234", "dragon1234",
+    "trustno1234", "abc1234567", "abcdefghij", "zaq12wsxcde", "michael123", "superman12",
+    "starwars12", "whatever12", "computer12", "internet12", "marketing1", "facebook12",
+    "google1234", "shopify123",
+})
+
+EMAIL_PATTERN = r"^[^@\s]+@[^@\s]+\.[^@\s]+$"
+
+
+def _strip(value):
+    return value.strip() if isinstance(value, str) else value
+
+# A dummy hash so a login for an unknown email costs as much as one for a known email.
+_DUMMY_HASH: dict[int, bytes] = {}
+
+
+def _rounds() -> int:
+    return int(current_app.config.get("BCRYPT_ROUNDS", 12))
+
+
+def hash_password(password: str) -> str:
+    """bcrypt hash (str) of a password, cost from ``BCRYPT_ROUNDS``."""
+    return bcrypt.hashpw(password.encode("utf-8"), bcrypt.gensalt(rounds=_rounds())).decode("ascii")
+
+
+def check_password(password: str, password_hash: str | None) -> bool:
+    """True when ``password`` matches the bcrypt hash; spends the same time when there is no hash."""
+    candidate = password.encode("utf-8")
+    if len(candidate) > MAX_PASSWORD_BYTES:
+        return False
+    if not password_hash:
+        rounds = _rounds()
+        dummy = _DUMMY_HASH.setdefault(rounds, bcrypt.hashpw(b"dummy-password", bcrypt.gensalt(rounds=rounds)))
+        bcrypt.checkpw(candidate, dummy)
+        return False
+    try:
+        return bcrypt.checkpw(candidate, password_hash.encode("ascii"))
+    except ValueError:
+        return False
+
+
+def password_problem(password: str, email: str = "") -> str | None:
+    """Why a password is not acceptable, in plain words; None when it is fine."""
+    if len(password) < MIN_PASSWORD_LENGTH:
+        return f"Use at least {MIN_PASSWORD_LENGTH} characters."
+    if len(password.encode("utf-8")) > MAX_PASSWORD_BYTES:
+        return f"Use at most {MAX_PASSWORD_BYTES} bytes (about {MAX_PASSWORD_BYTES} characters)."
+    lowered = password.lower()
+    if lowered in COMMON_PASSWORDS or len(set(lowered)) <= 2:
+        return "This password is too common. Choose something less guessable."
+    email = normalize_email(email)
+    if email and (lowered == email or lowered == email.split("@")[0]):
+        return "Do not use your email address as your password."
+    return None
+
+
+def is_safe_next(target: str | None) -> bool:
+    """True for a local path (``/dashboard?x=1``); False for absolute or scheme-relative URLs."""
+    if not target or not target.startswith("/") or target.startswith("//") or target.startswith("/\\"):
+        return False
+    if any(ch in target for ch in "\\\r\n\t") or any(ord(ch) < 32 for ch in target):
+        return False
+    parts = urlsplit(target)
+    return not parts.scheme and not parts.netloc
+
+
+class SignupForm(FlaskForm):
+    """Email + password (twice)."""
+
+    email = EmailField("Email", filters=[_strip], validators=[
+        DataRequired("Enter your email address."), Length(max=254),
+        Regexp(EMAIL_PATTERN, message="Enter a valid email address.")])
+    password = PasswordField("Password", validators=[DataRequired("Choose a password.")])
+    confirm = PasswordField("Repeat password", validators=[
+        DataRequired("Repeat the password."), EqualTo("password", message="The passwords do not match.")])
+
+    def validate_password(self, field):
+        problem = password_problem(field.data or "", self.email.data or "")
+        if problem:
+            raise ValidationError(problem)
+
+
+class LoginForm(FlaskForm):
+    """Email + password, and where to go afterwards."""
+
+    email = EmailField("Email", filters=[_strip], validators=[DataRequired("Enter your email address."), Length(max=254)])
+    password = PasswordField("Password", validators=[DataRequired("Enter your password."), Length(max=1024)])
+    next = HiddenField()
+
+
+def _start_session(doc: dict) -> None:
+    """Renew the session (drop everything in it) and log the user in under their current epoch."""
+    session.clear()
+    session["epoch"] = int(doc.get("session_epoch", 0))
+    login_user(PortalUser(doc))
+
+
+def _after_login_target(candidate: str | None) -> str:
+    return candidate if is_safe_next(candidate) else url_for("dashboard.dashboard")
+
+
+@bp.route("/signup", methods=["GET", "POST"])
+@limiter.limit(lambda: current_app.config["SIGNUP_RATE_LIMIT"], methods=["POST"])
+def signup():
+    """Create an account, then log in. Duplicate email → 400 and nothing written."""
+    if current_user.is_authenticated:
+        return redirect(url_for("dashboard.dashboard"))
+    form = SignupForm()
+    if request.method == "GET":
+        return render_template("auth/signup.html", form=form)
+    if not form.validate_on_submit():
+        return render_template("auth/signup.html", form=form), 400
+    users = portal_state().users
+    email = normalize_email(form.email.data)
+    if users.find_by_email(email) is not None:
+        form.email.errors.append("An account with this email already exists. Log in instead.")
+        return render_template("auth/signup.html", form=form), 400
+    try:
+        doc = users.create(email, hash_password(form.password.data))
+    except DuplicateEmail:
+        form.email.errors.append("An account with this email already exists. Log in instead.")
+        return render_template("auth/signup.html", form=form), 400
+    _start_session(doc)
+    flash("Welcome! Your account is ready. Connect an ad platform to get started.", "success")
+    return redirect(url_for("connections.index"))
+
+
+@bp.route("/login", methods=["GET", "POST"])
+@limiter.limit(lambda: current_app.config["LOGIN_RATE_LIMIT"], methods=["POST"])
+def login():
+    """Log in. Failures are generic; ``next`` is honoured only for local paths."""
+    form = LoginForm()
+    if request.method == "GET":
+        if current_user.is_authenticated:
+            return redirect(_after_login_target(request.args.get("next")))
+        form.next.data = request.args.get("next", "") if is_safe_next(request.args.get("next")) else ""
+        return render_template("auth/login.html", form=form)
+    if not form.validate_on_submit():
+        return render_template("auth/login.html", form=form), 400
+    doc = portal_state().users.find_by_email(form.email.data)
+    if not check_password(form.password.data, doc.get("password_hash") if doc else None):
+        form.password.errors.append("Invalid email or password.")
+        return render_template("auth/login.html", form=form), 401
+    _start_session(doc)
+    return redirect(_after_login_target(form.next.data or request.args.get("next")))
+
+
+@bp.post("/logout")
+def logout():
+    """Log out this browser (POST with CSRF token)."""
+    logout_user()
+    session.clear()
+    flash("You are logged out.", "info")
+    return redirect(url_for("auth.login"))
+
+
+@bp.post("/logout-everywhere")
+@login_required
+def logout_everywhere():
+    """End every session of the user, on every device (bumps the user's session epoch)."""
+    portal_state().users.bump_session_epoch(current_user.oid)
+    logout_user()
+    session.clear()
+    flash("You are logged out on every device.", "info")
+    return redirect(url_for("auth.login"))
