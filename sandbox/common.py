@@ -1,0 +1,174 @@
+"""Pieces shared by every platform sandbox: a stable self-signed certificate, fault knobs and
+deterministic seeded randomness.
+
+- ``ensure_certificate(directory)`` → ``(cert_path, key_path)``: a self-signed certificate for
+  ``localhost`` and ``127.0.0.1`` (subject alternative names), generated once with ``cryptography``
+  and reused on later runs. It stays stable because gRPC may read its trust roots only once per
+  process; a certificate that changed under a running process would no longer be trusted.
+- ``FaultInjector``: a thread-safe queue of injected faults ("the next N calls fail with X") plus an
+  artificial latency, consumed by the platform servers.
+- ``digest_units(*parts)``/``stable_int(*parts)``/``seeded_random(*parts)``: randomness derived from a
+  hash of its inputs (seed, customer, campaign, date …), so any value can be recomputed on the fly in
+  constant memory and is identical across runs and processes (no ``hash()`` randomisation).
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import hashlib
+import ipaddress
+import os
+import random
+import struct
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+CERT_FILE = "sandbox-cert.pem"
+KEY_FILE = "sandbox-key.pem"
+
+_cert_lock = threading.Lock()
+
+
+def ensure_certificate(directory: Path) -> tuple[Path, Path]:
+    """Return ``(cert_path, key_path)`` of the sandbox's TLS certificate, creating it once.
+
+    The certificate is self-signed (it is its own trust root: ``CA:TRUE``), valid for ten years, for
+    DNS ``localhost`` and IP ``127.0.0.1``. Files are written atomically (temp file + rename), the key
+    with mode 0600, so concurrent starters never see half-written files.
+    """
+    directory = Path(directory)
+    cert_path, key_path = directory / CERT_FILE, directory / KEY_FILE
+    with _cert_lock:
+        if cert_path.exists() and key_path.exists():
+            return cert_path, key_path
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+        directory.mkdir(parents=True, exist_ok=True)
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost"),
+                          x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Unified Ads Sandbox")])
+        now = dt.datetime.now(dt.timezone.utc)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(days=1))
+            .not_valid_after(now + dt.timedelta(days=3650))
+            .add_extension(x509.SubjectAlternativeName([
+                x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                         content_commitment=False, key_encipherment=False,
+                                         data_encipherment=False, key_agreement=False,
+                                         encipher_only=False, decipher_only=False), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .sign(key, hashes.SHA256())
+        )
+        key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                    serialization.NoEncryption())
+        _atomic_write(key_path, key_pem, 0o600)
+        _atomic_write(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+        return cert_path, key_path
+
+
+def _atomic_write(path: Path, data: bytes, mode: int) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+    os.replace(tmp, path)
+
+
+# ---- deterministic randomness -----------------------------------------------------------------
+
+def _digest(*parts: Any) -> bytes:
+    text = "\x1f".join(str(p) for p in parts).encode()
+    return hashlib.blake2b(text, digest_size=64).digest()
+
+
+def stable_int(*parts: Any, bits: int = 63) -> int:
+    """A non-negative integer derived from ``parts`` (stable across processes and runs)."""
+    return int.from_bytes(_digest(*parts)[:8], "big") >> (64 - bits)
+
+
+def digest_units(*parts: Any, count: int = 8) -> tuple[float, ...]:
+    """``count`` (≤ 16) independent uniform floats in [0, 1) derived from ``parts``."""
+    if not 0 < count <= 16:
+        raise ValueError("count must be between 1 and 16")
+    words = struct.unpack(">16I", _digest(*parts))
+    return tuple(w / 4294967296.0 for w in words[:count])
+
+
+def seeded_random(*parts: Any) -> random.Random:
+    """A ``random.Random`` seeded from ``parts`` (for generating static entities like campaigns)."""
+    return random.Random(stable_int(*parts))
+
+
+# ---- fault knobs ------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Fault:
+    """One injected failure.
+
+    Attributes:
+        kind: platform-specific error kind (Google: ``RESOURCE_EXHAUSTED``, ``INTERNAL``, ``UNAVAILABLE``…).
+        retry_delay: seconds the platform tells the caller to wait (rate-limit kinds).
+        target: which endpoint family it applies to (e.g. ``api`` or ``token``).
+        extra: anything else the platform needs.
+    """
+
+    kind: str
+    retry_delay: float | None = None
+    target: str = "api"
+    extra: dict = dataclasses.field(default_factory=dict)
+
+
+class FaultInjector:
+    """Thread-safe fault queue and latency knob.
+
+    ``inject(kind, count=N)`` makes the next N matching calls fail; ``take(target)`` is called by the
+    server once per incoming call and returns the fault to apply (or None); ``delay()`` sleeps for the
+    configured latency.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._queue: list[Fault] = []
+        self.latency: float = 0.0
+
+    def inject(self, kind: str, count: int = 1, *, retry_delay: float | None = None, target: str = "api",
+               **extra: Any) -> None:
+        with self._lock:
+            for _ in range(max(0, int(count))):
+                self._queue.append(Fault(kind=kind, retry_delay=retry_delay, target=target, extra=dict(extra)))
+
+    def take(self, target: str = "api") -> Fault | None:
+        with self._lock:
+            for index, fault in enumerate(self._queue):
+                if fault.target == target:
+                    return self._queue.pop(index)
+        return None
+
+    def pending(self, target: str | None = None) -> int:
+        with self._lock:
+            return sum(1 for f in self._queue if target is None or f.target == target)
+
+    def set_latency(self, seconds: float) -> None:
+        self.latency = max(0.0, float(seconds))
+
+    def delay(self) -> None:
+        if self.latency:
+            time.sleep(self.latency)
+
+    def reset(self) -> None:
+        with self._lock:
+            self._queue.clear()
+        self.latency = 0.0
