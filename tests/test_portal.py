@@ -487,3 +487,139 @@ def test_sync_now_inserts_request(portal, db):
     assert "already requested" in response.text
     assert db.sync_requests.count_documents({}) == 1
     assert portal.post("/sync/fake", {}).status_code == 400  # no CSRF token
+
+
+# ---- Google Ads through the offline sandbox ----------------------------------------------------
+def _google_available() -> bool:
+    try:
+        registry.connector_class("google")
+    except ImportError:
+        return False
+    return True
+
+
+google_only = pytest.mark.skipif(not _google_available(),
+                                 reason="resources/platforms/google.py is not importable yet")
+
+
+@pytest.fixture
+def google_portal(sandbox, db, monkeypatch):
+    """The portal with the real registry (Google connector) against the sandbox."""
+    client, stop = _portal(db, monkeypatch, None)
+    yield client
+    stop()
+
+
+def google_consent(portal: PortalClient, decision: str = "allow") -> str:
+    """Press "Connect Google Ads", load the sandbox consent page, answer it; returns the callback URL."""
+    response = portal.submit("/connections", "/connections/google/connect", allow_redirects=False)
+    assert response.status_code == 302, response.text
+    authorize_url = response.headers["Location"]
+    query = query_of(authorize_url)
+    assert query["redirect_uri"] == f"{portal.url}/connections/google/callback"
+    assert query.get("access_type") == "offline"
+    assert query["state"]
+    consent = portal.http.get(authorize_url)
+    assert consent.status_code == 200, consent.text
+    form = parse_forms(consent.text)[0]
+    assert any(b["value"] == "allow" for b in form.buttons)
+    answer = portal.http.post(requests.compat.urljoin(authorize_url, form.action),
+                              data={**form.fields, "decision": decision}, allow_redirects=False)
+    assert answer.status_code == 302, answer.text
+    callback = answer.headers["Location"]
+    assert callback.startswith(f"{portal.url}/connections/google/callback?")
+    return callback
+
+
+@google_only
+def test_google_connect_flow(google_portal, db, settings, sandbox):
+    portal = google_portal
+    portal.signup("ann@example.com")
+    page = portal.get("/connections").text
+    assert re.search(r'data-platform="google" data-status="not_connected" data-configured="yes"', page)
+    callback = google_consent(portal)
+    response = portal.http.get(callback)
+    assert response.status_code == 200, response.text
+    assert response.url.endswith("/connections")
+    assert "connected" in response.text
+
+    doc = db.users.find_one({})
+    connection = doc["oauth"]["google"]
+    assert connection["status"] == "connected"
+    assert connection["expires_at"] > dt.datetime.now(dt.timezone.utc)
+    token = TokenCipher.from_settings(settings).decrypt(connection["token"])
+    access, refresh = token["access_token"], token.get("refresh_token")
+    assert access and refresh  # offline access → a refresh token
+    raw = json.dumps(doc, default=str)
+    assert access not in raw and refresh not in raw
+
+    truth = sandbox.platform("google").data
+    stored = {a["id"]: a for a in connection["accounts"]}
+    for customer in truth.customers():
+        assert customer.id in stored
+        assert stored[customer.id]["currency"] == customer.currency
+        assert stored[customer.id]["time_zone"] == customer.time_zone
+    page = portal.get("/connections").text
+    for customer in truth.clients():
+        assert customer.name in page and customer.time_zone in page
+    for path in ("/connections", "/dashboard", "/connections/google/callback"):
+        text = portal.get(path).text
+        assert access not in text and refresh not in text and connection["token"] not in text
+
+
+@google_only
+def test_google_forged_state_400_nothing_written(google_portal, db):
+    portal = google_portal
+    portal.signup("ann@example.com")
+    callback = google_consent(portal)
+    forged = re.sub(r"state=[^&]+", "state=forged", callback)
+    response = portal.http.get(forged)
+    assert response.status_code == 400
+    assert db.users.find_one({}).get("oauth") == {}
+    without_state = re.sub(r"[&?]state=[^&]+", "", callback)
+    assert portal.http.get(without_state).status_code == 400
+    assert db.users.find_one({}).get("oauth") == {}
+
+
+@google_only
+def test_google_access_denied_400(google_portal, db):
+    portal = google_portal
+    portal.signup("ann@example.com")
+    callback = google_consent(portal, decision="deny")
+    assert "error=access_denied" in callback
+    response = portal.http.get(callback)
+    assert response.status_code == 400
+    assert "access was denied" in response.text
+    assert db.users.find_one({}).get("oauth") == {}
+
+
+@google_only
+def test_google_replayed_code_400_connection_unchanged(google_portal, db):
+    portal = google_portal
+    portal.signup("ann@example.com")
+    callback = google_consent(portal)
+    assert portal.http.get(callback).status_code == 200
+    stored = db.users.find_one({})["oauth"]["google"]
+    response = portal.http.get(callback)
+    assert response.status_code == 400
+    assert db.users.find_one({})["oauth"]["google"] == stored
+    # the same code under a fresh, valid state: the provider refuses it (codes are single-use)
+    fresh_state = query_of(google_consent(portal))["state"]
+    old_code = query_of(callback)["code"]
+    response = portal.get(f"/connections/google/callback?code={requests.utils.quote(old_code, safe='')}"
+                          f"&state={fresh_state}")
+    assert response.status_code == 400
+    assert "rejected the authorization code" in response.text
+    assert db.users.find_one({})["oauth"]["google"] == stored
+
+
+@google_only
+def test_google_disconnect_removes_token(google_portal, db):
+    portal = google_portal
+    portal.signup("ann@example.com")
+    assert portal.http.get(google_consent(portal)).status_code == 200
+    assert "token" in db.users.find_one({})["oauth"]["google"]
+    response = portal.submit("/connections", "/connections/google/disconnect")
+    assert response.status_code == 200
+    assert "google" not in db.users.find_one({})["oauth"]
+    assert re.search(r'data-platform="google" data-status="not_connected"', response.text)
