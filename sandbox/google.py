@@ -938,10 +938,13 @@ class GoogleAdsApiServer:
         with self._calls_lock:
             self.calls[method] += 1
 
-    def _begin(self, method: str, context) -> tuple[dict, str]:
-        """Faults, latency and authentication. Returns (metadata, request_id)."""
+    @staticmethod
+    def _request_id() -> str:
+        return uuid.uuid4().hex[:22]
+
+    def _begin(self, method: str, context) -> dict:
+        """Faults, latency and authentication. Returns the request metadata (lower-cased keys)."""
         self._count(method)
-        request_id = uuid.uuid4().hex[:22]
         sandbox = self.sandbox
         sandbox.faults.delay()
         metadata = {k.lower(): v for k, v in context.invocation_metadata()}
@@ -964,7 +967,7 @@ class GoogleAdsApiServer:
         if developer_token != sandbox.developer_token:
             raise AdsApiError("UNAUTHENTICATED", "authentication_error", "DEVELOPER_TOKEN_INVALID",
                               "The developer token is not valid.")
-        return metadata, request_id
+        return metadata
 
     @staticmethod
     def _fault_error(fault) -> AdsApiError:
@@ -1041,9 +1044,9 @@ class GoogleAdsApiServer:
     # ---- handlers ------------------------------------------------------------------------------
     def _list_accessible(self, request, context):
         from google.ads.googleads.v26.services.types import customer_service
-        request_id = "-"
+        request_id = self._request_id()
         try:
-            _, request_id = self._begin("ListAccessibleCustomers", context)
+            self._begin("ListAccessibleCustomers", context)
         except AdsApiError as exc:
             self._abort(context, exc, request_id)
         context.set_trailing_metadata((("request-id", request_id),))
@@ -1051,9 +1054,9 @@ class GoogleAdsApiServer:
             resource_names=[f"customers/{cid}" for cid in self.sandbox.accessible_customer_ids()])
 
     def _search_stream(self, request, context):
-        request_id = "-"
+        request_id = self._request_id()
         try:
-            metadata, request_id = self._begin("SearchStream", context)
+            metadata = self._begin("SearchStream", context)
             customer = self._check_customer(request.customer_id, metadata)
             query, rows, mask = self._plan(customer, request.query)
             first = True
@@ -1072,9 +1075,9 @@ class GoogleAdsApiServer:
         context.set_trailing_metadata((("request-id", request_id),))
 
     def _search(self, request, context):
-        request_id = "-"
+        request_id = self._request_id()
         try:
-            metadata, request_id = self._begin("Search", context)
+            metadata = self._begin("Search", context)
             customer = self._check_customer(request.customer_id, metadata)
             if request.page_size:
                 raise AdsApiError("INVALID_ARGUMENT", "request_error", "PAGE_SIZE_NOT_SUPPORTED",

@@ -446,7 +446,7 @@ class GoogleAdsSession(ConnectorSession):
 
             s = self.settings
             expiry = None
-            if self.token.get("expires_at"):
+            if self.token.get("expires_at") is not None:
                 # google-auth compares against naive UTC datetimes
                 expiry = dt.datetime.fromtimestamp(float(self.token["expires_at"]), dt.timezone.utc).replace(tzinfo=None)
             self._credentials = Credentials(
