@@ -371,6 +371,27 @@ def test_list_accounts_failure_502_nothing_written(portal, db):
     assert db.users.find_one({}).get("oauth") == {}
 
 
+def test_unexpected_error_is_generic_500(portal, db):
+    portal.signup("ann@example.com")
+    FakeConnector.accounts_error = RuntimeError("internal detail that must not leak")
+    query = start_connect(portal)
+    response = portal.get(f"/connections/fake/callback?code={FakeConnector.issue_code()}&state={query['state']}")
+    assert response.status_code == 500
+    assert "Something went wrong" in response.text
+    assert "internal detail" not in response.text and "Traceback" not in response.text
+    assert db.users.find_one({}).get("oauth") == {}
+
+
+def test_secure_cookie_outside_local_mode(db, monkeypatch):
+    monkeypatch.setenv("LOCAL_MODE", "false")
+    client, stop = _portal(db, monkeypatch, FAKE_PLATFORMS)
+    try:
+        cookie = client.get("/login").headers.get("Set-Cookie", "")
+        assert "Secure" in cookie and "HttpOnly" in cookie and "SameSite=Lax" in cookie
+    finally:
+        stop()
+
+
 def test_callback_requires_login(portal, db):
     response = portal.get("/connections/fake/callback?code=x&state=y", allow_redirects=False)
     assert response.status_code == 302 and "/login" in response.headers["Location"]
@@ -535,8 +556,11 @@ def google_consent(portal: PortalClient, decision: str = "allow") -> str:
 def test_google_connect_flow(google_portal, db, settings, sandbox):
     portal = google_portal
     portal.signup("ann@example.com")
-    page = portal.get("/connections").text
-    assert re.search(r'data-platform="google" data-status="not_connected" data-configured="yes"', page)
+    page = portal.get("/connections")
+    assert re.search(r'data-platform="google" data-status="not_connected" data-configured="yes"', page.text)
+    assert "Connect Google Ads" in page.text
+    # the Connect form may redirect only to the configured consent host
+    assert f"form-action 'self' {sandbox.base_url}" in page.headers["Content-Security-Policy"]
     callback = google_consent(portal)
     response = portal.http.get(callback)
     assert response.status_code == 200, response.text
