@@ -1357,6 +1357,39 @@ class GoogleSandbox:
         clients are reached through it (``login-customer-id``)."""
         return [self.data.manager.id]
 
+    # ---- truth in document form (generic across platform sandboxes) ----------------------------
+    def connect_form_values(self) -> dict[str, str]:
+        """Values for the portal's connect form before the redirect (Google needs none)."""
+        return {}
+
+    def expected_campaigns(self, account_id: str) -> Iterator[dict[str, Any]]:
+        """The campaign documents a correct connector produces for ``account_id`` (money in Decimal
+        currency units, dates ``YYYY-MM-DD``)."""
+        from decimal import Decimal
+
+        customer = self.data.customer(account_id)
+        for c in self.data.campaigns(account_id):
+            micros = c.budget_amount_micros if c.budget_period == "DAILY" else c.budget_total_micros
+            yield {"account_id": customer.id, "campaign_id": str(c.id), "name": c.name, "status": c.status,
+                   "channel_type": c.channel_type, "currency": customer.currency,
+                   "budget": Decimal(micros).scaleb(-6).normalize() if micros is not None else None,
+                   "budget_period": c.budget_period, "budget_delivery": c.budget_delivery,
+                   "start_date": c.start_date.isoformat(),
+                   "end_date": c.end_date.isoformat() if c.end_date else None}
+
+    def expected_metrics(self, account_id: str, start: dt.date, end: dt.date) -> Iterator[dict[str, Any]]:
+        """The metric documents a correct connector produces for ``[start, end]`` (customer-local dates):
+        ``{account_id, campaign_id (str), date ("YYYY-MM-DD"), impressions, clicks, spend (Decimal
+        currency units), currency, conversions (Decimal)}``."""
+        from decimal import Decimal
+
+        customer = self.data.customer(account_id)
+        for row in self.data.daily_metrics(account_id, start, end):
+            yield {"account_id": customer.id, "campaign_id": str(row["campaign_id"]), "date": row["date"].isoformat(),
+                   "impressions": row["impressions"], "clicks": row["clicks"],
+                   "spend": Decimal(row["cost_micros"]).scaleb(-6).normalize() if row["cost_micros"] else Decimal(0),
+                   "currency": customer.currency, "conversions": Decimal(repr(row["conversions"]))}
+
     # ---- knobs (Python) ------------------------------------------------------------------------
     def inject_fault(self, kind: str, count: int = 1, retry_delay: float | None = None, target: str = "api") -> None:
         """Make the next ``count`` Ads API calls (``target="api"``) or token requests (``"token"``) fail with

@@ -7,7 +7,11 @@ A platform sandbox class is built as ``cls(server, seed, options)`` and provides
   platform's own endpoints and ``/_sandbox/<id>/...`` for admin knobs;
 - ``start()`` / ``stop()``: start/stop any extra servers (Google: a gRPC server), called after/before
   the shared HTTP server;
-- ``env() -> dict[str, str]``: the environment variables the platform's connector reads.
+- ``env() -> dict[str, str]``: the environment variables the platform's connector reads;
+- ``connect_form_values() -> dict``: what to type in the portal's connect form (e.g. a shop name);
+- ``expected_campaigns(account_id)`` / ``expected_metrics(account_id, start, end)``: the truth as the
+  documents a correct connector produces (see ``resources/platforms/base.py``), for tests and the demo;
+- ``inject_fault(kind, count=1, ...)``, ``revoke(...)``, ``reset()``: fault knobs (also over HTTP).
 """
 from __future__ import annotations
 

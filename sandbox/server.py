@@ -149,7 +149,8 @@ class SandboxServer:
 def main(argv: list[str] | None = None) -> int:
     """Run the sandbox in the foreground until Ctrl-C (console: ``unified-ads sandbox``).
 
-    Writes ``<data_dir>/sandbox.env`` (point ``UA_ENV_FILE`` at it, or source it) and prints the URLs.
+    Writes ``<data_dir>/sandbox.env`` (point ``UA_ENV_FILE`` at it, or source it) and prints the URLs;
+    the certificate lives in ``<data_dir>/sandbox/`` (the same place ``unified-ads demo`` uses).
     """
     parser = argparse.ArgumentParser(prog="unified-ads sandbox", description=main.__doc__)
     parser.add_argument("--data-dir", type=Path, default=None,
@@ -168,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.campaigns_per_client:
         options["google"] = {"campaigns_per_client": args.campaigns_per_client}
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    server = SandboxServer(data_dir, seed=args.seed, host=args.host, http_port=args.port, options=options)
+    server = SandboxServer(Path(data_dir) / "sandbox", seed=args.seed, host=args.host, http_port=args.port, options=options)
     stop = threading.Event()
     server.start()
     try:

@@ -284,3 +284,12 @@ def test_http_fault_knob(connector, token, sandbox, knobs):
         connector.list_accounts(token)
     assert info.value.retry_after == 3
     assert requests.post(sandbox.base_url + "/_sandbox/google/reset", timeout=5).status_code == 200
+
+
+def test_connector_documents_equal_the_sandbox_expected_documents(connector, token, google):
+    session = connector.open_session(token)
+    account = _client(google, "3456789012")
+    assert list(session.fetch_campaigns(account)) == list(google.expected_campaigns(account.id))
+    end = google.data.local_today(account.id)
+    start = end - dt.timedelta(days=6)
+    assert list(session.fetch_daily_metrics(account, start, end)) == list(google.expected_metrics(account.id, start, end))
