@@ -104,7 +104,7 @@ class SignupForm(FlaskForm):
         DataRequired("Enter your email address."), Length(max=254),
         Regexp(EMAIL_PATTERN, message="Enter a valid email address.")])
     password = PasswordField("Password", validators=[DataRequired("Choose a password.")])
-    confirm = PasswordField("Repeat password", validators=[
+    password_confirm = PasswordField("Repeat password", validators=[
         DataRequired("Repeat the password."), EqualTo("password", message="The passwords do not match.")])
 
     def validate_password(self, field):

@@ -203,7 +203,8 @@ class Portal:
         return self.http.post(self.abs(form.action or page_path), data=data, allow_redirects=allow_redirects)
 
     def signup(self, email: str, password: str = "correct horse battery", **kw) -> requests.Response:
-        return self.submit("/signup", "/signup", {"email": email, "password": password, "confirm": password}, **kw)
+        return self.submit("/signup", "/signup",
+                           {"email": email, "password": password, "password_confirm": password}, **kw)
 
     def login(self, email: str, password: str = "correct horse battery", next_: str | None = None,
               **kw) -> requests.Response:

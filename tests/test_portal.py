@@ -158,7 +158,7 @@ def test_weak_password_rejected(portal, db, password, reason):
 
 def test_signup_mismatched_and_invalid_email(portal, db):
     response = portal.submit("/signup", "/signup", {"email": "bob@example.com", "password": PASSWORD,
-                                                    "confirm": PASSWORD + "x"})
+                                                    "password_confirm": PASSWORD + "x"})
     assert response.status_code == 400 and "do not match" in response.text
     response = portal.signup("not-an-email")
     assert response.status_code == 400 and "valid email" in response.text
@@ -166,7 +166,7 @@ def test_signup_mismatched_and_invalid_email(portal, db):
 
 
 def test_missing_csrf_token_is_400_and_nothing_written(portal, db):
-    response = portal.post("/signup", {"email": "eve@example.com", "password": PASSWORD, "confirm": PASSWORD})
+    response = portal.post("/signup", {"email": "eve@example.com", "password": PASSWORD, "password_confirm": PASSWORD})
     assert response.status_code == 400
     assert "CSRF" in response.text or "security token" in response.text
     assert "Traceback" not in response.text
