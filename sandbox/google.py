@@ -1183,7 +1183,7 @@ class GoogleAdsApiServer:
             if value is None:
                 continue
             resource, _, attr = field.partition(".")
-            if field in _ENUM_FIELDS:
+            if value.__class__ is str and field in _ENUM_FIELDS:
                 key = (field, value)
                 cached = self._enum_cache.get(key)
                 if cached is None:
@@ -1261,9 +1261,13 @@ def _metric_rows(data: GoogleSandboxData, customer, campaigns, date_range, by_da
         date_range = (start, data.local_today(customer.id))
     start, end = date_range
     if by_date and not group_all:
+        bases: dict[int, dict] = {}  # per-campaign attribute fields, built once
         for row in data.daily_metrics(customer.id, start, end):
-            campaign = data.campaign(row["campaign_id"])
-            flat = base(campaign)
+            cid = row["campaign_id"]
+            common = bases.get(cid)
+            if common is None:
+                common = bases[cid] = base(data.campaign(cid))
+            flat = dict(common)
             flat.update(_metric_fields(row["impressions"], row["clicks"], row["cost_micros"], row["conversions"]))
             flat["segments.date"] = row["date"].isoformat()
             yield flat

@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
-import pytest
 import requests
 
 from sandbox.common import ensure_certificate
