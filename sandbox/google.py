@@ -303,9 +303,9 @@ class GoogleSandboxData:
 
     # ---- knobs ---------------------------------------------------------------------------------
     def restate(self, days: int = 3) -> dt.date:
-        """Change the values of the most recent ``days`` days (as Google restates recent data).
-        Returns the first restated date (UTC-based)."""
-        since = dt.datetime.now(dt.timezone.utc).date() - dt.timedelta(days=max(1, days) - 1) - dt.timedelta(days=1)
+        """Change the values of every date from ``days`` days before today (UTC) onwards, as Google
+        restates recent data (one extra day covers customers ahead of UTC). Returns the first restated date."""
+        since = dt.datetime.now(dt.timezone.utc).date() - dt.timedelta(days=max(1, days))
         with self._lock:
             self._restatement_version += 1
             self._restated_since = since if self._restated_since is None else min(since, self._restated_since)
