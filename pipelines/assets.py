@@ -14,7 +14,6 @@ For a platform ``<p>`` this builds:
 Both assets run in pool ``<p>_api`` (API concurrency; set a limit with
 ``dagster instance concurrency set <p>_api N``) and retry transient errors with exponential backoff.
 """
-from __future__ import annotations
 
 import dataclasses
 
@@ -194,6 +193,7 @@ def build_platform_definitions(platform_id: str) -> PlatformDefinitions:
                 "metric_rows_inserted": metrics.inserted,
                 "metric_rows_updated": metrics.updated,
                 "metric_rows_unchanged": metrics.unchanged,
+                "metric_rows_deleted": outcome.metric_rows_deleted,
                 "rows_upserted": campaigns.written + metrics.written,
                 "api_calls": outcome.api_calls,
                 "seconds": round(outcome.seconds, 3),

@@ -4,7 +4,6 @@ partition (Dagster cannot build partitioned schedules over dynamic partitions it
 Cron strings are data here; times are UTC. Connections marked ``needs_reauth`` are skipped: nothing is
 called for them until the user reconnects.
 """
-from __future__ import annotations
 
 from dagster import DefaultScheduleStatus, RunRequest, ScheduleEvaluationContext, SkipReason, schedule
 

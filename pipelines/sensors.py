@@ -7,7 +7,6 @@
   ``sync_requests`` and marks it ``queued``; ``sync_request_status_sensor`` (run status) marks it
   ``running``/``success``/``failed`` with the error.
 """
-from __future__ import annotations
 
 import datetime as dt
 

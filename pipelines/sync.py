@@ -62,6 +62,7 @@ class AccountOutcome:
     campaigns: UpsertResult
     metrics: UpsertResult
     metric_rows: int
+    metric_rows_deleted: int = 0
 
 
 @dataclasses.dataclass
@@ -91,7 +92,11 @@ class SyncOutcome:
         """Counts recorded on the connection and shown in the portal."""
         c, m = self.campaigns, self.metrics
         return {"campaigns": c.inserted + c.updated + c.unchanged, "metric_rows": m.inserted + m.updated + m.unchanged,
-                "written": c.written + m.written}
+                "written": c.written + m.written, "deleted": self.metric_rows_deleted}
+
+    @property
+    def metric_rows_deleted(self) -> int:
+        return sum(a.metric_rows_deleted for a in self.accounts)
 
 
 def expires_at_datetime(token: dict[str, Any]) -> dt.datetime | None:
@@ -184,10 +189,15 @@ def sync_connection(db: Database, cipher: TokenCipher, connector: Connector, use
         for index, account in enumerate(syncable, 1):
             start, end = sync_window(account, days, now)
             synced_at = utcnow()
-            metrics_result, metric_rows = UpsertResult(), 0
+            metrics_result, metric_rows, seen = UpsertResult(), 0, set()
             for batch in batched(session.fetch_daily_metrics(account, start, end), batch_size):
                 metrics_result += repo.upsert_metrics(user_id, batch, synced_at)
                 metric_rows += len(batch)
+                seen.update((m["campaign_id"], m["date"]) for m in batch)
+            # A restated day the platform no longer reports (e.g. activity reversed to zero) must not
+            # linger: rows of the window that were not returned are removed.
+            deleted = repo.delete_metrics_not_in(user_id, account.id, start.isoformat(), end.isoformat(), seen)
+            del seen
             totals = _campaign_totals(repo, user_id, account.id)
             campaign_docs = []
             for doc in session.fetch_campaigns(account):
@@ -197,10 +207,10 @@ def sync_connection(db: Database, cipher: TokenCipher, connector: Connector, use
             for batch in batched(campaign_docs, batch_size):
                 campaigns_result += repo.upsert_campaigns(user_id, batch, synced_at)
             outcomes.append(AccountOutcome(account.id, account.currency, start, end, campaigns_result,
-                                           metrics_result, metric_rows))
+                                           metrics_result, metric_rows, deleted))
             say(f"account {index}/{len(syncable)} {account.id} ({account.currency}): "
                 f"{len(campaign_docs)} campaigns, {metric_rows} metric rows {start}..{end}, "
-                f"written {campaigns_result.written + metrics_result.written}")
+                f"written {campaigns_result.written + metrics_result.written}, removed {deleted}")
     except ReauthRequired as exc:
         users.mark_needs_reauth(user_id, connector.id, str(exc))
         raise

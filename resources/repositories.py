@@ -255,7 +255,7 @@ class KeyedCollectionRepository:
         ops, result = [], UpsertResult()
         seen: set[tuple] = set()
         for doc in docs:
-            key = tuple(doc[k] for k in self.key)
+            key = tuple(to_bson(doc[k]) for k in self.key)
             if key in seen:
                 continue
             seen.add(key)
@@ -272,7 +272,7 @@ class KeyedCollectionRepository:
             body = to_bson(body)
             body["_h"] = digest
             body["last_synced"] = synced_at
-            ops.append(UpdateOne({k: doc[k] for k in self.key}, {"$set": body}, upsert=True))
+            ops.append(UpdateOne({k: to_bson(doc[k]) for k in self.key}, {"$set": body}, upsert=True))
         if ops:
             self.col.bulk_write(ops, ordered=False)
         return result
@@ -280,7 +280,7 @@ class KeyedCollectionRepository:
     def _existing_hashes(self, docs: list[dict[str, Any]]) -> dict[tuple, str]:
         query = {}
         for field in self.key:
-            values = list({d[field] for d in docs})
+            values = list({to_bson(d[field]) for d in docs})
             query[field] = values[0] if len(values) == 1 else {"$in": values}
         projection = {field: 1 for field in self.key}
         projection.update({"_h": 1, "_id": 0})
@@ -304,6 +304,19 @@ class CampaignRepository:
                        synced_at: dt.datetime | None = None) -> UpsertResult:
         """Upsert daily metric documents (``date`` = account-local ``YYYY-MM-DD``)."""
         return self.metrics.upsert_many([{**d, "user_id": user_id} for d in docs], synced_at)
+
+    def delete_metrics_not_in(self, user_id: ObjectId, account_id: str, start: str, end: str,
+                              seen: set[tuple[str, str]]) -> int:
+        """Delete the account's metric rows dated ``start``..``end`` (``YYYY-MM-DD``, inclusive) whose
+        ``(campaign_id, date)`` is not in ``seen``: days the platform no longer reports after a
+        restatement. Returns how many were deleted."""
+        query = {"user_id": user_id, "account_id": account_id, "date": {"$gte": start, "$lte": end}}
+        stale = [d["_id"] for d in self.metrics.col.find(query, {"campaign_id": 1, "date": 1})
+                 if (d["campaign_id"], d["date"]) not in seen]
+        deleted = 0
+        for chunk in range(0, len(stale), 1000):
+            deleted += self.metrics.col.delete_many({"_id": {"$in": stale[chunk:chunk + 1000]}}).deleted_count
+        return deleted
 
     def campaigns_for_user(self, user_id: ObjectId, **filters) -> list[dict[str, Any]]:
         return list(self.campaigns.col.find({"user_id": user_id, **filters}, {"_h": 0}))

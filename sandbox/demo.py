@@ -222,7 +222,7 @@ def run_once(services: Services) -> int:
     user = UserRepository(db).find_by_email(email)
     user_id = str(user["_id"])
 
-    platform_ids = [pid for pid in PLATFORMS if services.sandbox.has_platform(pid)]
+    platform_ids = [pid for pid in PLATFORMS if pid in services.sandbox.platforms]
     for pid in platform_ids:
         _say(f"[2/4] connecting {pid} through the sandbox consent page")
         connect_platform(walker, portal, pid, services.sandbox.platform(pid).connect_form_values())
@@ -233,7 +233,7 @@ def run_once(services: Services) -> int:
     for pid in platform_ids:
         platform = PLATFORMS[pid]
         sensor = defs.get_sensor_def(f"{pid}_connections_sensor")
-        with build_sensor_context(instance=instance, definitions=defs, resources={"store": defs.resources["store"]}) as ctx:
+        with build_sensor_context(instance_ref=instance.get_ref(), definitions=defs, resources={"store": defs.resources["store"]}) as ctx:
             result = sensor.evaluate_tick(ctx)
         for request in result.dynamic_partitions_requests or []:
             if hasattr(request, "partition_keys") and type(request).__name__.startswith("Add"):

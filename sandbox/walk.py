@@ -16,13 +16,20 @@ import requests
 @dataclasses.dataclass
 class Form:
     """A parsed ``<form>``: ``action`` (absolute URL), ``method``, input ``fields`` (name -> value),
-    and ``buttons`` (name -> value of named submit buttons)."""
+    and ``buttons`` (``(name, value)`` of each named submit button, in order)."""
 
     action: str
     method: str
     fields: dict[str, str]
-    buttons: dict[str, str]
+    buttons: list[tuple[str, str]]
     text: str = ""
+
+    def button(self, wanted: str) -> tuple[str, str] | None:
+        """The submit button whose name or value is ``wanted``."""
+        for name, value in self.buttons:
+            if wanted in (name, value):
+                return name, value
+        return None
 
 
 class _FormParser(HTMLParser):
@@ -37,21 +44,21 @@ class _FormParser(HTMLParser):
         attrs = dict(attrs)
         if tag == "form":
             self._current = Form(urljoin(self.base_url, attrs.get("action") or self.base_url),
-                                 (attrs.get("method") or "get").lower(), {}, {})
+                                 (attrs.get("method") or "get").lower(), {}, [])
             self.forms.append(self._current)
         elif self._current is None:
             return
         elif tag == "input" and attrs.get("name"):
             kind = (attrs.get("type") or "text").lower()
             if kind == "submit":
-                self._current.buttons[attrs["name"]] = attrs.get("value", "")
+                self._current.buttons.append((attrs["name"], attrs.get("value", "")))
             elif kind in ("checkbox", "radio"):
                 if "checked" in attrs:
                     self._current.fields[attrs["name"]] = attrs.get("value", "on")
             else:
                 self._current.fields[attrs["name"]] = attrs.get("value") or ""
         elif tag == "button" and attrs.get("name"):
-            self._current.buttons[attrs["name"]] = attrs.get("value", "")
+            self._current.buttons.append((attrs["name"], attrs.get("value", "")))
         elif tag == "select" and attrs.get("name"):
             self._select = attrs["name"]
         elif tag == "option" and self._select and ("selected" in attrs or self._select not in self._current.fields):
@@ -109,19 +116,22 @@ class Walker:
         response = response or self.last
         forms = parse_forms(response.text, response.url)
         for form in forms:
-            if action_contains in form.action and (not button or button in form.buttons):
+            if action_contains in form.action and (not button or form.button(button)):
                 return form
         raise LookupError(f"no form with action containing {action_contains!r} on {response.url} "
                           f"(status {response.status_code}); forms: {[f.action for f in forms]}")
 
     def submit(self, form: Form, values: dict[str, str] | None = None, *, button: str = "",
                allow_redirects: bool = True) -> requests.Response:
-        """Submit ``form`` with its own fields overridden by ``values``; ``button`` adds that named
-        submit button's value."""
+        """Submit ``form`` with its own fields overridden by ``values``; ``button`` (a button's name or
+        value) adds that submit button's name=value pair, as a click on it would."""
         data = dict(form.fields)
         data.update(values or {})
         if button:
-            data[button] = form.buttons.get(button, "")
+            pressed = form.button(button)
+            if pressed is None:
+                raise LookupError(f"no button {button!r} in the form posting to {form.action}")
+            data[pressed[0]] = pressed[1]
         if form.method == "post":
             return self.post(form.action, data=data, allow_redirects=allow_redirects)
         return self.get(form.action, params=data, allow_redirects=allow_redirects)
