@@ -16,6 +16,7 @@ from werkzeug.exceptions import HTTPException, InternalServerError
 
 from oauth_portal.core import EXTENSION_KEY, PortalState, PortalUser
 from oauth_portal.extensions import csrf, limiter, login_manager
+from resources import redaction
 from resources.crypto import TokenCipher
 from resources.platforms import registry
 from resources.repositories import UserRepository
@@ -48,6 +49,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         resources.settings.ConfigurationError: no store configured.
     """
     settings = get_settings()
+    redaction.install("werkzeug", "authlib", "oauth_portal")  # no OAuth codes/state/tokens in logs
     app = Flask(__name__)
     secret_key = settings.secret_key or read_or_create_secret_file(
         settings.ensure_data_dir() / "flask.key", lambda: secrets.token_urlsafe(48))

@@ -245,7 +245,8 @@ def run_once(services: Services) -> int:
         job = defs.resolve_job_def(platform.sync_job.name)
         started = time.monotonic()
         outcome = job.execute_in_process(instance=instance, partition_key=user_id, raise_on_error=False,
-                                         tags={"trigger": "demo-once"})
+                                         tags={"trigger": "demo-once"},
+                                         run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}})
         _say(f"  {pid}: run {outcome.run_id[:8]} {'succeeded' if outcome.success else 'FAILED'} "
              f"in {time.monotonic() - started:.1f}s")
         failures += 0 if outcome.success else 1

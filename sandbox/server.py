@@ -24,10 +24,12 @@ from typing import Any
 from flask import Flask, jsonify
 from werkzeug.serving import WSGIRequestHandler, make_server
 
+from resources import redaction
 from sandbox.common import ensure_certificate
 from sandbox.registry import sandbox_class, sandbox_ids
 
 log = logging.getLogger(__name__)
+redaction.install(__name__)
 
 
 class _QuietHandler(WSGIRequestHandler):
