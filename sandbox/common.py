@@ -10,6 +10,9 @@ deterministic seeded randomness.
 - ``digest_units(*parts)``/``stable_int(*parts)``/``seeded_random(*parts)``: randomness derived from a
   hash of its inputs (seed, customer, campaign, date …), so any value can be recomputed on the fly in
   constant memory and is identical across runs and processes (no ``hash()`` randomisation).
+- ``SHARED_CAMPAIGN_NAMES``: campaign names several platform sandboxes use on purpose (ad campaign
+  names at Google/Meta, ``utm_campaign`` values of Shopify orders), so ad spend and shop sales can be
+  joined by name in the demo data.
 """
 from __future__ import annotations
 
@@ -26,6 +29,19 @@ from pathlib import Path
 from typing import Any
 
 CERT_FILE = "sandbox-cert.pem"
+
+#: Campaign names shared across platform sandboxes: Google/Meta name some campaigns like this and
+#: Shopify orders carry them as ``utm_campaign``, so spend (ads) joins sales (shop) by name.
+SHARED_CAMPAIGN_NAMES: tuple[str, ...] = (
+    "black_friday_2026",
+    "spring_sale",
+    "retargeting_q4",
+    "summer_clearance",
+    "holiday_gift_guide",
+    "new_arrivals_launch",
+    "brand_awareness",
+    "cyber_monday_2026",
+)
 KEY_FILE = "sandbox-key.pem"
 
 _cert_lock = threading.Lock()
