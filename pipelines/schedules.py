@@ -24,30 +24,29 @@ def _connected_partitions(context: ScheduleEvaluationContext, store: MongoStoreR
                   if doc["oauth"][pid].get("status") == CONNECTED and str(doc["_id"]) in partitions)
 
 
+def _per_partition_schedule(platform: PlatformDefinitions, name: str, cron: str, job, description: str):
+    """A schedule asking for one run of ``job`` per connected partition of ``platform``."""
+    pid = platform.platform_id
+
+    @schedule(name=name, cron_schedule=cron, job=job, default_status=DefaultScheduleStatus.RUNNING,
+              description=description)
+    def per_partition(context: ScheduleEvaluationContext, store: MongoStoreResource):
+        keys = _connected_partitions(context, store, platform)
+        if not keys:
+            return SkipReason(f"no connected {pid} users")
+        stamp = context.scheduled_execution_time.isoformat() if context.scheduled_execution_time else ""
+        return [RunRequest(run_key=f"{stamp}:{key}", partition_key=key, tags={"platform": pid, "trigger": "schedule"})
+                for key in keys]
+
+    return per_partition
+
+
 def build_schedules(platform: PlatformDefinitions) -> list:
     """``<p>_token_refresh_schedule`` and ``<p>_campaign_sync_schedule``."""
     pid = platform.platform_id
-
-    @schedule(name=f"{pid}_token_refresh_schedule", cron_schedule=TOKEN_REFRESH_CRON, job=platform.token_job,
-              default_status=DefaultScheduleStatus.RUNNING,
-              description=f"Refresh {pid} tokens that are about to expire, for every connected user.")
-    def token_schedule(context: ScheduleEvaluationContext, store: MongoStoreResource):
-        keys = _connected_partitions(context, store, platform)
-        if not keys:
-            return SkipReason(f"no connected {pid} users")
-        stamp = context.scheduled_execution_time.isoformat() if context.scheduled_execution_time else ""
-        return [RunRequest(run_key=f"{stamp}:{key}", partition_key=key, tags={"platform": pid, "trigger": "schedule"})
-                for key in keys]
-
-    @schedule(name=f"{pid}_campaign_sync_schedule", cron_schedule=CAMPAIGN_SYNC_CRON, job=platform.sync_job,
-              default_status=DefaultScheduleStatus.RUNNING,
-              description=f"Sync {pid} campaigns and daily metrics (lookback window) for every connected user.")
-    def sync_schedule(context: ScheduleEvaluationContext, store: MongoStoreResource):
-        keys = _connected_partitions(context, store, platform)
-        if not keys:
-            return SkipReason(f"no connected {pid} users")
-        stamp = context.scheduled_execution_time.isoformat() if context.scheduled_execution_time else ""
-        return [RunRequest(run_key=f"{stamp}:{key}", partition_key=key, tags={"platform": pid, "trigger": "schedule"})
-                for key in keys]
-
-    return [token_schedule, sync_schedule]
+    return [
+        _per_partition_schedule(platform, f"{pid}_token_refresh_schedule", TOKEN_REFRESH_CRON, platform.token_job,
+                                f"Refresh {pid} tokens that are about to expire, for every connected user."),
+        _per_partition_schedule(platform, f"{pid}_campaign_sync_schedule", CAMPAIGN_SYNC_CRON, platform.sync_job,
+                                f"Sync {pid} campaigns and daily metrics (lookback window) for every connected user."),
+    ]

@@ -52,6 +52,7 @@ from urllib.parse import urlencode, urlsplit
 
 from flask import Blueprint, Response, jsonify, redirect, request
 
+from resources.platforms.base import batched
 from sandbox.common import FaultInjector, digest_units, seeded_random, stable_int
 
 log = logging.getLogger(__name__)
@@ -1060,7 +1061,7 @@ class GoogleAdsApiServer:
             customer = self._check_customer(request.customer_id, metadata)
             query, rows, mask = self._plan(customer, request.query)
             first = True
-            for batch in _batches(rows, STREAM_BATCH_ROWS):
+            for batch in batched(rows, STREAM_BATCH_ROWS):
                 message = self._stream_pb(results=batch, request_id=request_id)
                 message.field_mask.paths.extend(mask)
                 first = False
@@ -1191,17 +1192,6 @@ class GoogleAdsApiServer:
                 value = cached
             setattr(getattr(row, resource), attr, value)
         return row
-
-
-def _batches(rows: Iterator, size: int) -> Iterator[list]:
-    batch = []
-    for row in rows:
-        batch.append(row)
-        if len(batch) >= size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
 
 
 def _limit(rows: Iterator, limit: int) -> Iterator:
