@@ -106,8 +106,15 @@ def _dagster_home(data_dir: Path) -> Path:
     return home
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def run_demo(once: bool = False, portal_port: int = 5000, dagster_port: int = 3000) -> int:
-    """Entry point of ``unified-ads demo``; returns the process exit code."""
+    """Entry point of ``unified-ads demo``; returns the process exit code. Ctrl-C or SIGTERM stops
+    every service it started (store, sandbox, portal, ``dagster dev``)."""
+    signal.signal(signal.SIGINT, _interrupt)  # also when started in the background with SIGINT ignored
+    signal.signal(signal.SIGTERM, _interrupt)
     settings = get_settings()
     data_dir = settings.ensure_data_dir().resolve()
     os.environ["DAGSTER_HOME"] = str(_dagster_home(data_dir))
