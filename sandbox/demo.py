@@ -166,7 +166,10 @@ def run_interactive(services: Services, dagster_port: int) -> int:
         _say("stopping…")
         return 0
     finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean-up short
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if proc.poll() is None:
+            _say("stopping dagster dev (up to 30 s)…")
             os.killpg(proc.pid, signal.SIGINT)
             try:
                 proc.wait(timeout=30)
