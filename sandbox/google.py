@@ -39,7 +39,9 @@ import dataclasses
 import datetime as dt
 import hashlib
 import html
+import json
 import logging
+import os
 import re
 import secrets
 import threading
@@ -47,6 +49,7 @@ import time
 import uuid
 import zoneinfo
 from concurrent import futures
+from pathlib import Path
 from typing import Any, Iterable, Iterator
 from urllib.parse import urlencode, urlsplit
 
@@ -351,16 +354,52 @@ class GoogleOAuthServer:
     ``check_access_token(token)`` → ``"ok" | "expired" | "revoked" | "invalid"`` (used by the Ads API).
     """
 
-    def __init__(self, clients: dict[str, dict], faults: FaultInjector, access_token_ttl: int = ACCESS_TOKEN_TTL):
+    def __init__(self, clients: dict[str, dict], faults: FaultInjector, access_token_ttl: int = ACCESS_TOKEN_TTL,
+                 state_file: Path | None = None):
         self.clients = clients
         self.faults = faults
         self.default_ttl = access_token_ttl
         self.access_token_ttl = access_token_ttl
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._consents: dict[str, dict] = {}
         self._codes: dict[str, dict] = {}
         self._grants: dict[str, _Grant] = {}
         self._tokens: dict[str, _AccessToken] = {}
+        self.state_file = Path(state_file) if state_file else None
+        self._load()
+
+    # ---- persistence: grants and live access tokens survive a sandbox restart -------------------
+    def _load(self) -> None:
+        if not self.state_file or not self.state_file.exists():
+            return
+        try:
+            state = json.loads(self.state_file.read_text())
+        except (OSError, ValueError):
+            return
+        for refresh_token, g in state.get("grants", {}).items():
+            self._grants[refresh_token] = _Grant(refresh_token, g["client_id"], g["scope"], g.get("revoked", False))
+        for token, t in state.get("tokens", {}).items():
+            grant = self._grants.get(t.get("grant") or "")
+            self._tokens[token] = _AccessToken(t["client_id"], t["scope"], t["expires_at"], grant)
+
+    def _save(self) -> None:
+        """Write grants and unexpired access tokens to ``state_file`` (mode 0600, atomic)."""
+        if not self.state_file:
+            return
+        now = time.time()
+        with self._lock:
+            state = {
+                "grants": {k: {"client_id": g.client_id, "scope": g.scope, "revoked": g.revoked}
+                           for k, g in self._grants.items()},
+                "tokens": {k: {"client_id": t.client_id, "scope": t.scope, "expires_at": t.expires_at,
+                               "grant": t.grant.refresh_token if t.grant else None}
+                           for k, t in self._tokens.items() if t.expires_at > now},
+            }
+            tmp = self.state_file.with_suffix(".tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                json.dump(state, handle)
+            os.replace(tmp, self.state_file)
 
     # ---- validation helpers --------------------------------------------------------------------
     def _redirect_allowed(self, client: dict, redirect_uri: str) -> bool:
@@ -395,6 +434,7 @@ class GoogleOAuthServer:
         with self._lock:
             ttl = self.access_token_ttl
             self._tokens[token] = _AccessToken(client_id, scope, time.time() + ttl, grant)
+            self._save()
         return {"access_token": token, "expires_in": ttl, "scope": scope, "token_type": "Bearer"}
 
     def exchange_code(self, form: dict, auth_header: str | None) -> dict:
@@ -459,6 +499,7 @@ class GoogleOAuthServer:
                     grant.revoked = True
                 for access in self._tokens.values():
                     access.expires_at = 0
+                self._save()
                 return len(self._grants)
             grant = self._grants.get(token)
             if grant is None and token in self._tokens:
@@ -470,6 +511,7 @@ class GoogleOAuthServer:
             for access in self._tokens.values():
                 if access.grant is grant:
                     access.expires_at = 0
+            self._save()
             return 1
 
     def expire_access_tokens(self, ttl: int | None = None) -> int:
@@ -479,6 +521,7 @@ class GoogleOAuthServer:
                 self.access_token_ttl = max(0, int(ttl))
             for access in self._tokens.values():
                 access.expires_at = 0
+            self._save()
             return len(self._tokens)
 
     def reset(self) -> None:
@@ -1313,7 +1356,8 @@ class GoogleSandbox:
         self.oauth = GoogleOAuthServer(
             {self.client_id: {"secret": self.client_secret, "name": options.get("app_name", "Unified Ads (sandbox)"),
                               "redirect_uris": options.get("redirect_uris")}},
-            self.faults, int(options.get("access_token_ttl", ACCESS_TOKEN_TTL)))
+            self.faults, int(options.get("access_token_ttl", ACCESS_TOKEN_TTL)),
+            state_file=Path(server.data_dir) / f"google-oauth-state-{seed}.json")
         self.api = GoogleAdsApiServer(self, server.cert_path, server.key_path, host="127.0.0.1",
                                       port=int(options.get("grpc_port", 0)))
 

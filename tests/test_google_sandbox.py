@@ -1,3 +1,4 @@
+import pytest
 """The Google sandbox itself: deterministic data, OAuth token endpoint rules, env and certificate."""
 from __future__ import annotations
 
@@ -197,3 +198,29 @@ def test_main_runs_in_the_foreground_and_stops_on_ctrl_c(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_grants_survive_a_sandbox_restart(tmp_path):
+    """The demo restarts the sandbox; connections made before must keep working."""
+    from sandbox.server import SandboxServer
+
+    with SandboxServer(tmp_path, seed=11) as first:
+        oauth = first.platform("google").oauth
+        grant_token = "1//persisted"
+        from sandbox.google import _Grant
+        with oauth._lock:
+            oauth._grants[grant_token] = _Grant(grant_token, first.platform("google").client_id, "s")
+        access = oauth._issue_access(first.platform("google").client_id, "s", oauth._grants[grant_token])
+    with SandboxServer(tmp_path, seed=11) as second:
+        oauth = second.platform("google").oauth
+        assert oauth.check_access_token(access["access_token"]) == "ok"
+        form = {"client_id": second.platform("google").client_id,
+                "client_secret": second.platform("google").client_secret, "refresh_token": grant_token}
+        assert oauth.refresh(form, None)["access_token"].startswith("ya29.")
+        oauth.revoke(grant_token)
+    with SandboxServer(tmp_path, seed=11) as third:
+        oauth = third.platform("google").oauth
+        assert oauth.check_access_token(access["access_token"]) in ("revoked", "invalid")
+        with pytest.raises(Exception) as err:
+            oauth.refresh(form, None)
+        assert "invalid_grant" in str(err.value)
