@@ -1,6 +1,7 @@
-import pytest
 """The Google sandbox itself: deterministic data, OAuth token endpoint rules, env and certificate."""
 from __future__ import annotations
+
+import pytest
 
 import base64
 import datetime as dt
