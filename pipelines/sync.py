@@ -161,7 +161,8 @@ def sync_connection(db: Database, cipher: TokenCipher, connector: Connector, use
 
     The first sync of a connection (no ``sync.last_success_at`` since it was connected) reads
     ``history_days``; later syncs re-read the last ``lookback_days`` (restated days overwrite).
-    Metrics stream in batches of ``batch_size`` documents; campaign documents carry totals over every
+    Metrics stream in batches of ``batch_size`` documents (the stored rows of the window are read once
+    up front to compare against); campaign documents carry totals over every
     stored day (``impressions``, ``clicks``, ``spend`` in currency units, ``totals_from``/``totals_to``).
 
     Raises:
@@ -189,15 +190,19 @@ def sync_connection(db: Database, cipher: TokenCipher, connector: Connector, use
         for index, account in enumerate(syncable, 1):
             start, end = sync_window(account, days, now)
             synced_at = utcnow()
-            metrics_result, metric_rows, seen = UpsertResult(), 0, set()
+            metrics_result, metric_rows = UpsertResult(), 0
+            # What the store holds for the window, read once (no lookup per batch); it is empty on a
+            # first sync, so memory never grows with the history read, only with what was stored.
+            stored = repo.metric_hashes(user_id, account.id, start.isoformat(), end.isoformat())
             for batch in batched(session.fetch_daily_metrics(account, start, end), batch_size):
-                metrics_result += repo.upsert_metrics(user_id, batch, synced_at)
+                metrics_result += repo.upsert_metrics(user_id, batch, synced_at, known=stored)
                 metric_rows += len(batch)
-                seen.update((m["campaign_id"], m["date"]) for m in batch)
+                for m in batch:
+                    stored.pop((user_id, m["account_id"], m["campaign_id"], m["date"]), None)
             # A restated day the platform no longer reports (e.g. activity reversed to zero) must not
-            # linger: rows of the window that were not returned are removed.
-            deleted = repo.delete_metrics_not_in(user_id, account.id, start.isoformat(), end.isoformat(), seen)
-            del seen
+            # linger: stored rows of the window that were not returned are removed.
+            deleted = repo.delete_metrics(stored) if stored else 0
+            del stored
             totals = _campaign_totals(repo, user_id, account.id)
             campaign_docs = []
             for doc in session.fetch_campaigns(account):

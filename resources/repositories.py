@@ -27,9 +27,9 @@ from typing import Any, Iterable
 
 from bson import Decimal128, ObjectId
 from bson.errors import InvalidId
-from pymongo import ReturnDocument, UpdateOne
+from pymongo import InsertOne, ReturnDocument, UpdateOne
 from pymongo.database import Database
-from pymongo.errors import DuplicateKeyError
+from pymongo.errors import BulkWriteError, DuplicateKeyError
 
 from resources.store import CAMPAIGN_KEY, METRIC_KEY, campaigns_collection, metrics_collection
 
@@ -242,17 +242,25 @@ class KeyedCollectionRepository:
         self.col = collection
         self.key = key
 
-    def upsert_many(self, docs: list[dict[str, Any]], synced_at: dt.datetime | None = None) -> UpsertResult:
+    def upsert_many(self, docs: list[dict[str, Any]], synced_at: dt.datetime | None = None,
+                    known: dict[tuple, str | None] | None = None) -> UpsertResult:
         """Upsert a batch (one ``bulk_write``, unordered). Each doc must hold every key field.
 
-        Content is compared by hash first; unchanged documents are not sent. Changed and new ones get
+        Content is compared by hash first; unchanged documents are not sent. New documents are sent
+        as inserts (an upsert costs the store a lookup by key first: about twice the time), changed
+        ones as ``$set`` updates; a new document that another writer stored meanwhile (duplicate key)
+        is retried as an upsert, so concurrent syncs stay correct. Changed and new documents get
         ``last_synced = synced_at`` (UTC). Returns counts.
+
+        Args:
+            known: stored content hashes by natural key (see ``hashes``) covering every stored
+                document these keys can match; given, no lookup query is made for this batch.
         """
         if not docs:
             return UpsertResult()
         synced_at = synced_at or utcnow()
-        existing = self._existing_hashes(docs)
-        ops, result = [], UpsertResult()
+        existing = known if known is not None else self._existing_hashes(docs)
+        ops, upserts, result = [], {}, UpsertResult()
         seen: set[tuple] = set()
         for doc in docs:
             key = tuple(to_bson(doc[k]) for k in self.key)
@@ -265,26 +273,51 @@ class KeyedCollectionRepository:
             if old == digest:
                 result.unchanged += 1
                 continue
-            if old is None:
-                result.inserted += 1
-            else:
-                result.updated += 1
             body = to_bson(body)
             body["_h"] = digest
             body["last_synced"] = synced_at
-            ops.append(UpdateOne({k: to_bson(doc[k]) for k in self.key}, {"$set": body}, upsert=True))
+            match = dict(zip(self.key, key))
+            if key in existing:
+                result.updated += 1
+                ops.append(UpdateOne(match, {"$set": body}, upsert=True))
+            else:
+                result.inserted += 1
+                upserts[len(ops)] = UpdateOne(match, {"$set": body}, upsert=True)
+                ops.append(InsertOne({**match, **body}))
         if ops:
-            self.col.bulk_write(ops, ordered=False)
+            try:
+                self.col.bulk_write(ops, ordered=False)
+            except BulkWriteError as exc:
+                errors = exc.details.get("writeErrors") or []
+                if not errors or any(e.get("code") != 11000 or e.get("index") not in upserts for e in errors):
+                    raise
+                # stored by another writer since we looked: update those instead
+                self.col.bulk_write([upserts[e["index"]] for e in errors], ordered=False)
+                result.inserted -= len(errors)
+                result.updated += len(errors)
         return result
+
+    def hashes(self, query: dict[str, Any]) -> dict[tuple, str | None]:
+        """Natural key -> content hash of the stored documents matching ``query`` (one query)."""
+        projection = {field: 1 for field in self.key}
+        projection.update({"_h": 1, "_id": 0})
+        return {tuple(d.get(f) for f in self.key): d.get("_h") for d in self.col.find(query, projection)}
+
+    def delete_keys(self, keys: Iterable[tuple]) -> int:
+        """Delete the documents with these natural keys; returns how many were deleted."""
+        keys = list(keys)
+        deleted = 0
+        for chunk in range(0, len(keys), 500):
+            match = [dict(zip(self.key, key)) for key in keys[chunk:chunk + 500]]
+            deleted += self.col.delete_many({"$or": match}).deleted_count
+        return deleted
 
     def _existing_hashes(self, docs: list[dict[str, Any]]) -> dict[tuple, str]:
         query = {}
         for field in self.key:
             values = list({to_bson(d[field]) for d in docs})
             query[field] = values[0] if len(values) == 1 else {"$in": values}
-        projection = {field: 1 for field in self.key}
-        projection.update({"_h": 1, "_id": 0})
-        return {tuple(d.get(f) for f in self.key): d.get("_h") for d in self.col.find(query, projection)}
+        return self.hashes(query)
 
 
 class CampaignRepository:
@@ -301,22 +334,21 @@ class CampaignRepository:
         return self.campaigns.upsert_many([{**d, "user_id": user_id} for d in docs], synced_at)
 
     def upsert_metrics(self, user_id: ObjectId, docs: Iterable[dict[str, Any]],
-                       synced_at: dt.datetime | None = None) -> UpsertResult:
-        """Upsert daily metric documents (``date`` = account-local ``YYYY-MM-DD``)."""
-        return self.metrics.upsert_many([{**d, "user_id": user_id} for d in docs], synced_at)
+                       synced_at: dt.datetime | None = None,
+                       known: dict[tuple, str | None] | None = None) -> UpsertResult:
+        """Upsert daily metric documents (``date`` = account-local ``YYYY-MM-DD``). ``known``: the
+        stored hashes of the window these rows belong to (``metric_hashes``), to skip the lookup."""
+        return self.metrics.upsert_many([{**d, "user_id": user_id} for d in docs], synced_at, known)
 
-    def delete_metrics_not_in(self, user_id: ObjectId, account_id: str, start: str, end: str,
-                              seen: set[tuple[str, str]]) -> int:
-        """Delete the account's metric rows dated ``start``..``end`` (``YYYY-MM-DD``, inclusive) whose
-        ``(campaign_id, date)`` is not in ``seen``: days the platform no longer reports after a
-        restatement. Returns how many were deleted."""
-        query = {"user_id": user_id, "account_id": account_id, "date": {"$gte": start, "$lte": end}}
-        stale = [d["_id"] for d in self.metrics.col.find(query, {"campaign_id": 1, "date": 1})
-                 if (d["campaign_id"], d["date"]) not in seen]
-        deleted = 0
-        for chunk in range(0, len(stale), 1000):
-            deleted += self.metrics.col.delete_many({"_id": {"$in": stale[chunk:chunk + 1000]}}).deleted_count
-        return deleted
+    def metric_hashes(self, user_id: ObjectId, account_id: str, start: str, end: str) -> dict[tuple, str | None]:
+        """Natural key ``(user_id, account_id, campaign_id, date)`` -> content hash of the account's
+        stored metric rows dated ``start``..``end`` (``YYYY-MM-DD``, inclusive)."""
+        return self.metrics.hashes({"user_id": user_id, "account_id": account_id,
+                                    "date": {"$gte": start, "$lte": end}})
+
+    def delete_metrics(self, keys: Iterable[tuple]) -> int:
+        """Delete metric rows by natural key (days the platform no longer reports after a restatement)."""
+        return self.metrics.delete_keys(keys)
 
     def campaigns_for_user(self, user_id: ObjectId, **filters) -> list[dict[str, Any]]:
         return list(self.campaigns.col.find({"user_id": user_id, **filters}, {"_h": 0}))

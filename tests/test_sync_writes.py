@@ -1,0 +1,127 @@
+"""How a sync writes to the store: new rows inserted, changed rows updated, unchanged rows untouched,
+rows a platform no longer reports removed, and a concurrent writer never turning into an error.
+
+``pipelines.sync.sync_connection`` runs here against the real store with an in-process connector
+(no platform involved), so the store round-trips are what is tested.
+"""
+from __future__ import annotations
+
+import datetime as dt
+from decimal import Decimal
+
+from pymongo import MongoClient, monitoring
+
+from pipelines.sync import sync_connection
+from resources.crypto import TokenCipher
+from resources.platforms.base import Account, Connector, ConnectorSession
+from resources.repositories import CampaignRepository, UserRepository
+
+TODAY = dt.datetime.now(dt.timezone.utc).date()
+
+
+def _metric(campaign: int, day: dt.date, clicks: int = 3) -> dict:
+    return {"account_id": "111", "campaign_id": str(campaign), "date": day.isoformat(), "impressions": 100,
+            "clicks": clicks, "spend": Decimal("1.25"), "currency": "EUR", "conversions": Decimal(0)}
+
+
+class _Session(ConnectorSession):
+    def __init__(self, rows):
+        super().__init__()
+        self.rows = rows
+
+    def fetch_daily_metrics(self, account, start, end):
+        for row in self.rows:
+            if start.isoformat() <= row["date"] <= end.isoformat():
+                yield dict(row)
+
+    def fetch_campaigns(self, account):
+        for campaign in sorted({r["campaign_id"] for r in self.rows}):
+            yield {"account_id": account.id, "campaign_id": campaign, "name": f"c{campaign}", "status": "ENABLED",
+                   "currency": "EUR", "budget": Decimal("10")}
+
+
+class _Connector(Connector):
+    id = "google"  # writes to the google collections of this test's database
+    display_name = "In-process"
+    rows: list[dict] = []
+
+    def __init__(self):
+        super().__init__(settings=object())
+
+    def open_session(self, token):
+        return _Session(self.rows)
+
+
+def _connected_user(db, settings):
+    users = UserRepository(db)
+    user = users.create("writes@example.com", "h")
+    cipher = TokenCipher.from_settings(settings)
+    account = Account(id="111", name="A", currency="EUR", time_zone="UTC")
+    users.save_connection(user["_id"], "google", cipher.encrypt({"access_token": "x"}), scopes=[], expires_at=None,
+                          accounts=[account.to_doc()])
+    return user["_id"], cipher
+
+
+class _Commands(monitoring.CommandListener):
+    def __init__(self):
+        self.names = []
+
+    def started(self, event):
+        self.names.append((event.command_name, event.command.get(event.command_name)))
+
+    def succeeded(self, event):
+        pass
+
+    def failed(self, event):
+        pass
+
+
+def test_new_rows_are_inserted_and_a_concurrent_insert_becomes_an_update(db):
+    user = UserRepository(db).create("u@example.com", "h")
+    repo = CampaignRepository(db, "google")
+    day = dt.date(2026, 3, 1)
+    first = repo.upsert_metrics(user["_id"], [_metric(1, day), _metric(2, day)], known={})
+    assert (first.inserted, first.updated, first.unchanged) == (2, 0, 0)
+    # "known" says nothing is stored (another writer stored campaign 1 meanwhile): no error, it is updated
+    again = repo.upsert_metrics(user["_id"], [_metric(1, day, clicks=9), _metric(3, day)], known={})
+    assert (again.inserted, again.updated, again.unchanged) == (1, 1, 0)
+    assert db.google_campaign_metrics.find_one({"campaign_id": "1"})["clicks"] == 9
+    assert db.google_campaign_metrics.count_documents({}) == 3
+    known = repo.metric_hashes(user["_id"], "111", "2026-03-01", "2026-03-01")
+    assert len(known) == 3 and all(known.values())
+    same = repo.upsert_metrics(user["_id"], [_metric(1, day, clicks=9), _metric(2, day), _metric(3, day)], known=known)
+    assert (same.inserted, same.updated, same.unchanged) == (0, 0, 3)
+    assert repo.delete_metrics([(user["_id"], "111", "2", "2026-03-01")]) == 1
+    assert db.google_campaign_metrics.count_documents({}) == 2
+
+
+def test_sync_reads_the_window_once_writes_nothing_unchanged_and_removes_unreported_days(db, settings, store_uri):
+    user_id, cipher = _connected_user(db, settings)
+    days = [TODAY - dt.timedelta(days=n) for n in range(10)]
+    _Connector.rows = [_metric(c, d) for c in (1, 2, 3) for d in days]
+    first = sync_connection(db, cipher, _Connector(), user_id, history_days=10, lookback_days=5, batch_size=7)
+    assert first.first_sync and first.metrics.inserted == 30 and first.metric_rows_deleted == 0
+    UserRepository(db).record_sync(user_id, "google", status="success", success=True)
+
+    listener = _Commands()
+    monitored = MongoClient(store_uri, event_listeners=[listener], tz_aware=True)
+    try:
+        mdb = monitored[db.name]
+        before = {d["_id"]: d["last_synced"] for d in db.google_campaign_metrics.find()}
+        second = sync_connection(mdb, cipher, _Connector(), user_id, history_days=10, lookback_days=5, batch_size=7)
+        assert not second.first_sync and second.metrics.unchanged == 15 and second.rows()["written"] == 0
+        assert {d["_id"]: d["last_synced"] for d in db.google_campaign_metrics.find()} == before
+        metric_finds = [c for c in listener.names if c == ("find", "google_campaign_metrics")]
+        assert len(metric_finds) == 1  # one read of the window, not one lookup per batch
+        assert not [c for c in listener.names if c[0] in ("insert", "update", "delete")]  # nothing written
+
+        # campaign 2 no longer reports two recent days (a restatement reversed them): they are removed
+        gone = {days[1].isoformat(), days[3].isoformat()}
+        _Connector.rows = [r for r in _Connector.rows if not (r["campaign_id"] == "2" and r["date"] in gone)]
+        third = sync_connection(mdb, cipher, _Connector(), user_id, history_days=10, lookback_days=5, batch_size=7)
+    finally:
+        monitored.close()
+    assert third.metric_rows_deleted == 2 and third.metrics.written == 0
+    assert db.google_campaign_metrics.count_documents({"campaign_id": "2"}) == 8
+    campaign = db.google_campaigns.find_one({"campaign_id": "2"})  # totals follow the removal
+    assert campaign["clicks"] == 8 * 3 and campaign["spend"].to_decimal() == Decimal("10")
