@@ -20,6 +20,7 @@ import importlib
 #: platform id -> "module:SandboxClass"
 SANDBOXES: dict[str, str] = {
     "google": "sandbox.google:GoogleSandbox",
+    "meta": "sandbox.meta:MetaSandbox",
 }
 
 
