@@ -11,6 +11,7 @@ from resources.platforms.base import Connector
 #: platform id -> "module:ConnectorClass"
 PLATFORMS: dict[str, str] = {
     "google": "resources.platforms.google:GoogleAdsConnector",
+    "meta": "resources.platforms.meta:MetaAdsConnector",
 }
 
 
