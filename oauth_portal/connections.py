@@ -50,6 +50,15 @@ def _humanize_delta(moment: dt.datetime | None, now: dt.datetime) -> str:
     return f"{text} ago" if past else f"in {text}"
 
 
+def _days_left(moment: dt.datetime | None, now: dt.datetime) -> int | None:
+    """Whole days until a token expires, for tokens that live for days (Meta's ~60-day tokens); None
+    when there is no expiry or less than a day remains (short-lived access tokens renewed every hour)."""
+    if moment is None:
+        return None
+    seconds = (moment - now).total_seconds()
+    return int(seconds // 86400) if seconds >= 86400 else None
+
+
 def connection_view(platform_id: str, connection: dict[str, Any] | None, now: dt.datetime) -> dict[str, Any]:
     """What the templates may show about a connection — explicitly picked fields, never the token."""
     if not connection:
@@ -62,6 +71,7 @@ def connection_view(platform_id: str, connection: dict[str, Any] | None, now: dt
         "expires_at": expires_at,
         "expires_in": _humanize_delta(expires_at, now),
         "expired": bool(expires_at and expires_at <= now),
+        "days_left": _days_left(expires_at, now),
         "connected_at": connection.get("connected_at"),
         "refreshed_at": connection.get("refreshed_at"),
         "scopes": list(connection.get("scopes") or []),
