@@ -21,6 +21,7 @@ import importlib
 SANDBOXES: dict[str, str] = {
     "google": "sandbox.google:GoogleSandbox",
     "meta": "sandbox.meta:MetaSandbox",
+    "shopify": "sandbox.shopify:ShopifySandbox",
 }
 
 
