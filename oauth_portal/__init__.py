@@ -137,13 +137,21 @@ def _init_login(app: Flask) -> None:
 def _form_action_origins(app: Flask, connectors) -> list[str] | None:
     """Origins the Connect forms may end up at (their redirects are checked against ``form-action``).
 
-    Returns None when some configured platform's consent host is not fixed (e.g. per-shop URLs), in
-    which case ``form-action`` is left out of the policy rather than breaking that platform.
+    A connector whose consent host is not fixed (per-shop URLs) may name its CSP sources itself with
+    an optional ``consent_origins()`` method (e.g. ``https://*.myshopify.com``). Returns None when
+    some configured platform's consent host is neither fixed nor named that way, in which case
+    ``form-action`` is left out of the policy rather than breaking that platform.
     """
     origins: list[str] = []
     state: PortalState = app.extensions[EXTENSION_KEY]
     for platform_id, connector in connectors.items():
         if not state.is_configured(platform_id):
+            continue
+        named = getattr(connector, "consent_origins", None)
+        if callable(named):
+            for origin in named():
+                if origin not in origins:
+                    origins.append(origin)
             continue
         url = connector.oauth_registration().get("authorize_url") or ""
         parts = urlsplit(url)

@@ -12,6 +12,7 @@ from resources.platforms.base import Connector
 PLATFORMS: dict[str, str] = {
     "google": "resources.platforms.google:GoogleAdsConnector",
     "meta": "resources.platforms.meta:MetaAdsConnector",
+    "shopify": "resources.platforms.shopify:ShopifyConnector",
 }
 
 
