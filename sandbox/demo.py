@@ -7,7 +7,8 @@ Ctrl-C stops everything.
 ``run_demo(once=True)`` is the headless end-to-end check: it signs a new user up over HTTP, walks every
 registered platform's OAuth consent over HTTP, lets the connections sensor add the partitions, runs each
 platform's sync job through Dagster (instance under ``data/dagster_home``, so the runs show in the UI
-later), prints accounts / campaigns / metric rows / spend per currency, and exits 0 only when the store
+later), prints accounts / campaigns / metric rows / spend (ad platforms) or orders and revenue (shops)
+per currency and the shared campaign names joining spend to sales, and exits 0 only when the store
 equals the sandbox truth for every campaign and day.
 """
 from __future__ import annotations
@@ -265,44 +266,70 @@ def run_once(services: Services) -> int:
     ok = failures == 0
     for pid in platform_ids:
         ok &= _report_and_verify(db, services.sandbox.platform(pid), pid, user["_id"])
+    _report_join(db, platform_ids, user["_id"])
     _say("demo-once: " + ("OK — the store equals the sandbox truth" if ok else "FAILED"))
     return 0 if ok else 1
 
 
+#: metric fields compared with the truth and summed in the report, when a platform's documents have them
+_COMPARED_FIELDS = ("impressions", "clicks", "spend", "orders", "revenue")
+
+
+def _plain(value):
+    """A stored value as the truth has it (Decimal128 → Decimal)."""
+    return value.to_decimal() if hasattr(value, "to_decimal") else value
+
+
 def _report_and_verify(db, platform_sandbox, platform_id: str, user_id) -> bool:
+    """Print one platform's accounts (campaigns, metric rows, spend and/or orders + revenue, dates) and
+    compare every stored metric row and campaign id with the sandbox truth. The compared metric fields
+    are those of ``_COMPARED_FIELDS`` the platform's truth documents carry (ad platforms: impressions,
+    clicks, spend; Shopify: orders, revenue)."""
     from resources.store import campaigns_collection, metrics_collection
 
     campaigns = list(db[campaigns_collection(platform_id)].find({"user_id": user_id}))
     metrics = db[metrics_collection(platform_id)]
-    rows = defaultdict(lambda: {"campaigns": 0, "metric_rows": 0, "spend": Decimal(0), "currency": "", "dates": set()})
-    stored: dict[tuple, tuple] = {}
+    rows = defaultdict(lambda: {"campaigns": 0, "metric_rows": 0, "spend": Decimal(0), "orders": 0,
+                                "revenue": Decimal(0), "currency": "", "dates": set()})
+    stored: dict[tuple, dict] = {}
+    present: set[str] = set()
     for doc in metrics.find({"user_id": user_id}):
         row = rows[doc["account_id"]]
         row["metric_rows"] += 1
-        spend = doc["spend"].to_decimal()
-        row["spend"] += spend
+        values = {field: _plain(doc[field]) for field in _COMPARED_FIELDS if field in doc}
+        present.update(values)
+        row["spend"] += values.get("spend") or Decimal(0)
+        row["orders"] += values.get("orders") or 0
+        row["revenue"] += values.get("revenue") or Decimal(0)
         row["currency"] = doc["currency"]
         row["dates"].add(doc["date"])
-        stored[(doc["account_id"], doc["campaign_id"], doc["date"])] = (doc["impressions"], doc["clicks"], spend)
+        stored[(doc["account_id"], doc["campaign_id"], doc["date"])] = values
     for doc in campaigns:
         rows[doc["account_id"]]["campaigns"] += 1
         rows[doc["account_id"]]["currency"] = doc.get("currency", rows[doc["account_id"]]["currency"])
+    sales = "revenue" in present
+    money = "revenue" if sales else "spend"
+    width = max([14] + [len(a) + 2 for a in rows])
     _say(f"  {platform_id}:")
-    _say(f"    {'account':<14}{'currency':<10}{'campaigns':>10}{'metric rows':>13}{'spend':>16}  dates")
+    _say(f"    {'account':<{width}}{'currency':<10}{'campaigns':>10}{'metric rows':>13}"
+         + (f"{'orders':>9}" if sales else "") + f"{money:>16}  dates")
     per_currency: dict[str, Decimal] = defaultdict(Decimal)
     ok = True
     for account_id, row in sorted(rows.items()):
         dates = sorted(row["dates"])
         span = f"{dates[0]}..{dates[-1]}" if dates else "-"
-        _say(f"    {account_id:<14}{row['currency']:<10}{row['campaigns']:>10}{row['metric_rows']:>13}"
-             f"{row['spend']:>16,.2f}  {span}")
-        per_currency[row["currency"]] += row["spend"]
+        _say(f"    {account_id:<{width}}{row['currency']:<10}{row['campaigns']:>10}{row['metric_rows']:>13}"
+             + (f"{row['orders']:>9}" if sales else "") + f"{row[money]:>16,.2f}  {span}")
+        per_currency[row["currency"]] += row[money]
         if not dates:
             continue
         start, end = dt.date.fromisoformat(dates[0]), dt.date.fromisoformat(dates[-1])
-        expected = {(account_id, m["campaign_id"], m["date"]): (m["impressions"], m["clicks"], m["spend"])
-                    for m in platform_sandbox.expected_metrics(account_id, start, end)}
-        actual = {k: v for k, v in stored.items() if k[0] == account_id}
+        expected, fields = {}, set()
+        for m in platform_sandbox.expected_metrics(account_id, start, end):
+            values = {f: m[f] for f in _COMPARED_FIELDS if f in m}
+            fields.update(values)
+            expected[(account_id, m["campaign_id"], m["date"])] = values
+        actual = {k: {f: v.get(f) for f in fields} for k, v in stored.items() if k[0] == account_id}
         if expected != actual:
             ok = False
             missing = len(set(expected) - set(actual))
@@ -315,5 +342,47 @@ def _report_and_verify(db, platform_sandbox, platform_id: str, user_id) -> bool:
             ok = False
             _say(f"    MISMATCH in {account_id}: campaigns {len(got_campaigns)} stored vs {len(truth_campaigns)} in truth")
     for currency, total in sorted(per_currency.items()):
-        _say(f"    total spend {currency}: {total:,.2f}")
+        _say(f"    total {money} {currency}: {total:,.2f}")
     return ok
+
+
+def _report_join(db, platform_ids: list[str], user_id) -> None:
+    """Print ad spend beside shop sales for the campaign names the sandboxes share
+    (``sandbox.common.SHARED_CAMPAIGN_NAMES``): ad campaigns match by ``name``, shop campaigns by
+    ``utm_campaign``. Amounts stay in their own currencies (no conversion)."""
+    from resources.store import campaigns_collection, metrics_collection
+    from sandbox.common import SHARED_CAMPAIGN_NAMES
+
+    shared = set(SHARED_CAMPAIGN_NAMES)
+    lines: dict[str, list[str]] = defaultdict(list)
+    for pid in platform_ids:
+        by_campaign: dict[tuple[str, str], str] = {}
+        for doc in db[campaigns_collection(pid)].find({"user_id": user_id}):
+            key = doc.get("utm_campaign") or doc.get("name")
+            if key in shared:
+                by_campaign[(doc["account_id"], doc["campaign_id"])] = key
+        if not by_campaign:
+            continue
+        totals: dict[tuple[str, str], dict] = defaultdict(lambda: {"spend": Decimal(0), "orders": 0,
+                                                                    "revenue": Decimal(0), "sales": False})
+        for doc in db[metrics_collection(pid)].find({"user_id": user_id}):
+            name = by_campaign.get((doc["account_id"], doc["campaign_id"]))
+            if name is None:
+                continue
+            entry = totals[(name, doc["currency"])]
+            entry["spend"] += _plain(doc.get("spend")) or Decimal(0)
+            if "revenue" in doc:
+                entry["sales"] = True
+                entry["orders"] += doc.get("orders") or 0
+                entry["revenue"] += _plain(doc["revenue"]) or Decimal(0)
+        for (name, currency), entry in sorted(totals.items()):
+            if entry["sales"]:
+                lines[name].append(f"{pid} {entry['orders']} orders {entry['revenue']:,.2f} {currency}")
+            else:
+                lines[name].append(f"{pid} spend {entry['spend']:,.2f} {currency}")
+    joined = {name: parts for name, parts in lines.items() if len({p.split()[0] for p in parts}) > 1}
+    if not joined:
+        return
+    _say("  joined by campaign name (ad spend beside shop sales, each in its own currency):")
+    for name in sorted(joined):
+        _say(f"    {name:<22}" + " | ".join(joined[name]))

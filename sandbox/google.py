@@ -56,7 +56,7 @@ from urllib.parse import urlencode, urlsplit
 from flask import Blueprint, Response, jsonify, redirect, request
 
 from resources.platforms.base import batched
-from sandbox.common import FaultInjector, digest_units, seeded_random, stable_int
+from sandbox.common import SHARED_CAMPAIGN_NAMES, FaultInjector, digest_units, seeded_random, stable_int
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +146,18 @@ class SandboxCampaign:
         return f"{self.end_date.isoformat()} 23:59:59" if self.end_date else None
 
 
+#: campaigns #4..#7 of each client are named from ``SHARED_CAMPAIGN_NAMES`` (Shopify orders use them as
+#: ``utm_campaign``, so ad spend joins shop sales by name in the demo)
+SHARED_NAME_SLOTS = range(3, 7)
+
+
+def _campaign_name(channel: str, theme: str, i: int, client_index: int) -> str:
+    """A campaign name: ``"<Channel> | <theme> #<n>"``, or a shared campaign name for a few slots."""
+    if i in SHARED_NAME_SLOTS:
+        return SHARED_CAMPAIGN_NAMES[(i - SHARED_NAME_SLOTS.start + 3 * client_index) % len(SHARED_CAMPAIGN_NAMES)]
+    return f"{channel.replace('_', ' ').title()} | {theme} #{i + 1}"
+
+
 class GoogleSandboxData:
     """Deterministic Google Ads data and the truth accessor tests compare against.
 
@@ -217,7 +229,7 @@ class GoogleSandboxData:
                 total = None
             campaigns.append(SandboxCampaign(
                 customer_id=customer.id, id=campaign_id,
-                name=f"{channel.replace('_', ' ').title()} | {rng.choice(_THEMES)} #{i + 1}",
+                name=_campaign_name(channel, rng.choice(_THEMES), i, index),
                 status=status, channel_type=channel,
                 budget_id=20_000_000_000 + (index + 1) * 1_000_000_000 + i,
                 budget_period="CUSTOM_PERIOD" if custom else "DAILY",
