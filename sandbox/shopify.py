@@ -21,7 +21,10 @@ some orders carry no UTM at all, some are cancelled or test orders.
   refreshes"): the access token lasts ``expires_in`` = 3600 s, each refresh returns a new refresh token
   (90 days), and the *previous* refresh token stays usable until the app uses its replacement (at
   most 30 days after its own first use) — so an app that lost a refresh answer can retry with the
-  token it has stored. Using the replacement retires the predecessor for good.
+  token it has stored. Using a replacement retires its predecessor and every other replacement
+  issued for it (a lost answer, or a concurrent refresh whose answer was not the one saved).
+  Installs, refresh-token chains and live access tokens are kept in
+  ``<data_dir>/shopify-oauth-state-<seed>.json`` so demo connections survive a sandbox restart.
 
 GraphQL Admin API — ``POST /shopify/<shop>/admin/api/<version>/graphql.json`` with
 ``X-Shopify-Access-Token``: a real GraphQL executor (graphql-core) over a subset of the Admin schema
@@ -517,7 +520,7 @@ class _RefreshToken:
     install: _Install
     expires_at: float
     predecessor: "_RefreshToken | None" = None
-    replacement: "_RefreshToken | None" = None
+    replacements: list = dataclasses.field(default_factory=list)
     first_used_at: float | None = None
     retired: bool = False
 
@@ -572,7 +575,8 @@ class ShopifyOAuthServer:
                                                      first_used_at=r.get("first_used_at"), retired=r.get("retired", False))
             for value, r in state.get("refresh", {}).items():
                 self._refresh[value].predecessor = self._refresh.get(r.get("predecessor") or "")
-                self._refresh[value].replacement = self._refresh.get(r.get("replacement") or "")
+                self._refresh[value].replacements = [self._refresh[v] for v in r.get("replacements", [])
+                                                     if v in self._refresh]
             for value, t in state.get("tokens", {}).items():
                 self._tokens[value] = _AccessToken(installs[t["install"]], t.get("expires_at"))
             self._installs = installs
@@ -594,7 +598,7 @@ class ShopifyOAuthServer:
                 "refresh": {v: {"install": index[id(r.install)], "expires_at": r.expires_at,
                                 "first_used_at": r.first_used_at, "retired": r.retired,
                                 "predecessor": r.predecessor.value if r.predecessor else None,
-                                "replacement": r.replacement.value if r.replacement else None}
+                                "replacements": [x.value for x in r.replacements if x.value in refresh]}
                             for v, r in refresh.items()},
                 "tokens": {v: {"install": index[id(t.install)], "expires_at": t.expires_at}
                            for v, t in self._tokens.items() if t.expires_at is None or t.expires_at > now},
@@ -644,7 +648,7 @@ class ShopifyOAuthServer:
                 answer.update({"expires_in": ttl, "refresh_token": refresh.value,
                                "refresh_token_expires_in": REFRESH_TOKEN_TTL})
             if predecessor is not None:
-                predecessor.replacement = self._refresh[answer["refresh_token"]]
+                predecessor.replacements.append(self._refresh[answer["refresh_token"]])
             self._save()
         return answer
 
@@ -666,8 +670,9 @@ class ShopifyOAuthServer:
         return self._issue(install, expiring)
 
     def refresh(self, shop: str, form: dict) -> dict:
-        """Rotate: a new access + refresh token pair. The presented token stays retryable until its
-        replacement is used (≤ 30 days from its first use); using a token retires its predecessor."""
+        """Rotate: a new access + refresh token pair. The presented token stays retryable until one of
+        its replacements is used (≤ 30 days from its first use); using a replacement retires its
+        predecessor and the predecessor's other (never used) replacements."""
         client_id = self._authenticate(form)
         now = time.time()
         with self._lock:
@@ -685,9 +690,11 @@ class ShopifyOAuthServer:
             if token.first_used_at is None:
                 token.first_used_at = now
             if token.predecessor is not None:
-                token.predecessor.retired = True  # the replacement is in use: the old one is gone for good
-            if token.replacement is not None and token.replacement.first_used_at is None:
-                token.replacement.retired = True  # an unused replacement (a lost answer) is superseded
+                # the app uses this replacement: the old token and any other answer to it are gone for good
+                token.predecessor.retired = True
+                for sibling in token.predecessor.replacements:
+                    if sibling is not token:
+                        sibling.retired = True
         return self._issue(token.install, True, predecessor=token)
 
     def check_access_token(self, shop: str, token: str) -> tuple[str, str]:

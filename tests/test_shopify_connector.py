@@ -242,17 +242,26 @@ def test_refresh_rotation_survives_a_crash_between_receiving_and_saving(connecto
     recovered = cipher.decrypt(connection["token"])
     assert connection["status"] == "connected"
     assert recovered["refresh_token"] not in (token["refresh_token"], lost[0]["refresh_token"])
-    # the lost answer's refresh token was superseded and can never be used
-    with pytest.raises(ReauthRequired):
-        connector.refresh(lost[0])
-    # the next scheduled refresh uses the saved replacement, which retires the original for good
+    # the next scheduled refresh uses the saved replacement, which retires the original token and the
+    # lost answer for good: rotation is real, only the saved chain lives on
     assert refresh_connection(db, cipher, connector, user["_id"], force=True).refreshed
-    with pytest.raises(ReauthRequired):
-        connector.refresh(token)
+    for dead in (token, lost[0]):
+        with pytest.raises(ReauthRequired):
+            connector.refresh(dead)
     # and the connection keeps syncing
     result = sync_connection(db, cipher, connector, user["_id"], history_days=3)
     assert result.metrics.inserted > 0
     assert users.connection(user["_id"], PID)["status"] == "connected"
+
+
+def test_concurrent_refreshes_keep_whichever_answer_was_saved(connector, knobs):
+    token = connect_shop(connector, _first_shop(knobs))
+    first, second = connector.refresh(token), connector.refresh(token)  # two runs raced on one stored token
+    assert first["refresh_token"] != second["refresh_token"]
+    kept = connector.refresh(second)  # the answer that was saved last is the one used next
+    with pytest.raises(ReauthRequired):
+        connector.refresh(first)  # the other answer died when its sibling was used
+    assert connector.list_accounts(connector.refresh(kept))[0].id == _first_shop(knobs)
 
 
 def test_rejected_refresh_marks_the_connection_needs_reauth(connector, knobs, db, settings):
@@ -608,6 +617,10 @@ def test_shopify_end_to_end_through_portal_sensor_and_dagster(portal, db, shopif
         dates = sorted(db.shopify_campaign_metrics.distinct("date", {"user_id": user["_id"]}))
         assert dates[0] == (shopify.data.local_today(shop) - dt.timedelta(days=59)).isoformat()
         assert dates[-1] == shopify.data.local_today(shop).isoformat()
+
+        page = portal.get("/dashboard")
+        assert page.status_code == 200
+        assert any(c["name"] in page.text for c in shopify.expected_campaigns(shop) if c["source"] == "marketing_activity")
 
         second = job.execute_in_process(instance=instance, partition_key=user_id, raise_on_error=False)
         assert second.success

@@ -20,7 +20,10 @@ token asset (``pipelines.sync.refresh_connection``) saves it before doing anythi
 lands between receiving and saving, nothing is lost: Shopify keeps the previously used refresh token
 valid until the app starts using its replacement (changelog 2026-08-28, "More resilient refreshes for
 expiring offline access tokens"; at most 30 days after its first use), so the next run simply
-refreshes again with the token it has stored. ``needs_refresh`` uses at least
+refreshes again with the token it has stored. Two runs refreshing the same stored token at once
+get two answers; whichever is saved last is the one used next, and using it retires the other (the
+sandbox behaves so; Shopify's changelog says only that using a replacement retires its
+predecessor). ``needs_refresh`` uses at least
 ``SHOPIFY_REFRESH_MARGIN_SECONDS`` (default 2400 s) so the 30-minute token schedule always renews a
 one-hour token before it expires. A rejected refresh (``invalid_grant``: app uninstalled, token
 retired or expired) raises ``ReauthRequired``.
