@@ -19,7 +19,7 @@ import dataclasses
 
 from dagster import (AssetCheckResult, AssetCheckSeverity, AssetCheckSpec, AssetExecutionContext, AssetKey,
                      Backoff, Config, DynamicPartitionsDefinition, Failure, Jitter, MaterializeResult,
-                     MetadataValue, RetryPolicy, asset, define_asset_job)
+                     MetadataValue, RetryPolicy, asset, define_asset_job, in_process_executor)
 
 from resources.platforms.base import Connector, RateLimited, ReauthRequired, TransientPlatformError
 from resources.platforms.registry import connector_class
@@ -111,28 +111,7 @@ def build_platform_definitions(platform_id: str) -> PlatformDefinitions:
            description=f"{display} OAuth token of one connection: refreshed before it expires, grant validated "
                        f"by listing the accounts it reaches; revoked grants mark the connection needs_reauth.")
     def token_asset(context: AssetExecutionContext, config: TokenConfig, store: MongoStoreResource) -> MaterializeResult:
-        user_id = _user_id(context)
-        connector = connector_cls()
-        settings = store.settings()
-        try:
-            outcome = refresh_connection(store.db(), store.cipher(), connector, user_id,
-                                         margin_seconds=settings.token_refresh_margin_seconds,
-                                         force=config.force_refresh)
-        except NotConnected as exc:
-            context.log.warning(str(exc))
-            return MaterializeResult(metadata={"status": "disconnected"})
-        except ReauthRequired as exc:
-            raise _fail_reauth(connector, exc) from None
-        except RateLimited as exc:
-            raise Failure(description=describe_rate_limit(exc), allow_retries=False) from None
-        context.log.info(f"{display} token {'refreshed' if outcome.refreshed else 'still valid'}; "
-                         f"{outcome.accounts} accounts reachable")
-        return MaterializeResult(metadata={
-            "status": "connected",
-            "refreshed": outcome.refreshed,
-            "expires_at": MetadataValue.timestamp(outcome.expires_at) if outcome.expires_at else "never",
-            "accounts": outcome.accounts,
-        })
+        return token_materialization(platform_id, store, _user_id(context), config.force_refresh, context.log)
 
     @asset(key=campaigns_key, deps=[token_key], partitions_def=partitions, pool=pool_name(platform_id),
            retry_policy=RETRY_POLICY, group_name=platform_id, kinds={"mongodb", platform_id}, op_tags=tags,
@@ -146,67 +125,114 @@ def build_platform_definitions(platform_id: str) -> PlatformDefinitions:
                        f"{platform_id}_campaigns and {metrics_collection(platform_id)} (idempotent upserts on "
                        f"natural keys; account-local dates; money as exact decimals in the account currency).")
     def campaigns_asset(context: AssetExecutionContext, config: SyncConfig, store: MongoStoreResource) -> MaterializeResult:
-        user_id = _user_id(context)
-        connector = connector_cls()
-        settings = store.settings()
-        db = store.db()
-        from resources.repositories import UserRepository
+        return campaigns_materialization(platform_id, store, _user_id(context), config.lookback_days,
+                                         config.history_days, context.log)
 
-        users = UserRepository(db)
-        try:
-            outcome = sync_connection(
-                db, store.cipher(), connector, user_id,
-                lookback_days=config.lookback_days or settings.lookback_days,
-                history_days=config.history_days or settings.history_days,
-                progress=context.log.info,
-            )
-        except NotConnected as exc:
-            context.log.warning(str(exc))
-            return MaterializeResult(metadata={"status": "disconnected"}, check_results=[
-                AssetCheckResult(check_name="metrics_reference_campaigns", passed=True),
-                AssetCheckResult(check_name="metrics_non_negative", passed=True)])
-        except (ReauthRequired, ConnectionNeedsReauth) as exc:
-            users.record_sync(user_id, platform_id, status="failed", error=str(exc))
-            raise _fail_reauth(connector, exc) from None
-        except RateLimited as exc:
-            message = describe_rate_limit(exc)
-            users.record_sync(user_id, platform_id, status="deferred", error=message)
-            raise Failure(description=message, allow_retries=False) from None
-        except TransientPlatformError as exc:
-            users.record_sync(user_id, platform_id, status="retrying", error=str(exc))
-            raise
-        users.record_sync(user_id, platform_id, status="success", rows=outcome.rows(), success=True)
-        campaigns, metrics = outcome.campaigns, outcome.metrics
-        starts = [a.start for a in outcome.accounts]
-        ends = [a.end for a in outcome.accounts]
-        checks = _checks(db, platform_id, user_id)
-        return MaterializeResult(
-            metadata={
-                "dagster/row_count": campaigns.inserted + campaigns.updated + campaigns.unchanged
-                + metrics.inserted + metrics.updated + metrics.unchanged,
-                "accounts": len(outcome.accounts),
-                "first_sync": outcome.first_sync,
-                "date_range": f"{min(starts)}..{max(ends)}" if starts else "none",
-                "campaigns_inserted": campaigns.inserted,
-                "campaigns_updated": campaigns.updated,
-                "campaigns_unchanged": campaigns.unchanged,
-                "metric_rows_inserted": metrics.inserted,
-                "metric_rows_updated": metrics.updated,
-                "metric_rows_unchanged": metrics.unchanged,
-                "metric_rows_deleted": outcome.metric_rows_deleted,
-                "rows_upserted": campaigns.written + metrics.written,
-                "api_calls": outcome.api_calls,
-                "seconds": round(outcome.seconds, 3),
-                "per_account": MetadataValue.md(_account_table(outcome)),
-            },
-            check_results=checks,
-        )
-
+    # The steps of a run are sequential (campaigns depend on the token): the in-process executor runs
+    # them in the run's own process instead of starting one Python process per step.
     sync_job = define_asset_job(sync_job_name(platform_id), selection=[token_key, campaigns_key], tags=tags,
+                                executor_def=in_process_executor,
                                 description=f"Refresh the {display} token and sync campaigns + daily metrics.")
     token_job = define_asset_job(token_job_name(platform_id), selection=[token_key], tags=tags,
+                                 executor_def=in_process_executor,
                                  description=f"Refresh and validate the {display} token.")
     return PlatformDefinitions(platform_id, partitions, token_asset, campaigns_asset, sync_job, token_job)
+
+
+def token_materialization(platform_id: str, store: MongoStoreResource, user_id, force_refresh: bool,
+                          log) -> MaterializeResult:
+    """The work of a ``<p>_token`` materialization for one connection (asset and batch jobs share it).
+
+    Raises:
+        Failure: revoked grant (no retries) or a rate limit (deferred to the next schedule).
+        TransientPlatformError: temporary; the caller retries.
+    """
+    connector = connector_class(platform_id)()
+    settings = store.settings()
+    try:
+        outcome = refresh_connection(store.db(), store.cipher(), connector, user_id,
+                                     margin_seconds=settings.token_refresh_margin_seconds, force=force_refresh)
+    except NotConnected as exc:
+        log.warning(str(exc))
+        return MaterializeResult(metadata={"status": "disconnected"})
+    except ReauthRequired as exc:
+        raise _fail_reauth(connector, exc) from None
+    except RateLimited as exc:
+        raise Failure(description=describe_rate_limit(exc), allow_retries=False) from None
+    log.info(f"{connector.display_name} token {'refreshed' if outcome.refreshed else 'still valid'}; "
+             f"{outcome.accounts} accounts reachable")
+    return MaterializeResult(metadata={
+        "status": "connected",
+        "refreshed": outcome.refreshed,
+        "expires_at": MetadataValue.timestamp(outcome.expires_at) if outcome.expires_at else "never",
+        "accounts": outcome.accounts,
+    })
+
+
+def campaigns_materialization(platform_id: str, store: MongoStoreResource, user_id, lookback_days: int,
+                              history_days: int, log) -> MaterializeResult:
+    """The work of a ``<p>_campaigns`` materialization for one connection (asset and batch jobs share
+    it). ``lookback_days``/``history_days`` of 0 mean the project settings. The sync outcome is
+    recorded on the connection (shown in the portal).
+
+    Raises:
+        Failure: the connection needs reauthorisation (no retries) or is rate limited (deferred).
+        TransientPlatformError: temporary; the caller retries.
+    """
+    from resources.repositories import UserRepository
+
+    connector = connector_class(platform_id)()
+    settings = store.settings()
+    db = store.db()
+    users = UserRepository(db)
+    try:
+        outcome = sync_connection(
+            db, store.cipher(), connector, user_id,
+            lookback_days=lookback_days or settings.lookback_days,
+            history_days=history_days or settings.history_days,
+            progress=log.info,
+        )
+    except NotConnected as exc:
+        log.warning(str(exc))
+        return MaterializeResult(metadata={"status": "disconnected"}, check_results=[
+            AssetCheckResult(check_name="metrics_reference_campaigns", passed=True),
+            AssetCheckResult(check_name="metrics_non_negative", passed=True)])
+    except (ReauthRequired, ConnectionNeedsReauth) as exc:
+        users.record_sync(user_id, platform_id, status="failed", error=str(exc))
+        raise _fail_reauth(connector, exc) from None
+    except RateLimited as exc:
+        message = describe_rate_limit(exc)
+        users.record_sync(user_id, platform_id, status="deferred", error=message)
+        raise Failure(description=message, allow_retries=False) from None
+    except TransientPlatformError as exc:
+        users.record_sync(user_id, platform_id, status="retrying", error=str(exc))
+        raise
+    users.record_sync(user_id, platform_id, status="success", rows=outcome.rows(), success=True)
+    campaigns, metrics = outcome.campaigns, outcome.metrics
+    starts = [a.start for a in outcome.accounts]
+    ends = [a.end for a in outcome.accounts]
+    checks = _checks(db, platform_id, user_id)
+    return MaterializeResult(
+        metadata={
+            "dagster/row_count": campaigns.inserted + campaigns.updated + campaigns.unchanged
+            + metrics.inserted + metrics.updated + metrics.unchanged,
+            "accounts": len(outcome.accounts),
+            "first_sync": outcome.first_sync,
+            "date_range": f"{min(starts)}..{max(ends)}" if starts else "none",
+            "campaigns_inserted": campaigns.inserted,
+            "campaigns_updated": campaigns.updated,
+            "campaigns_unchanged": campaigns.unchanged,
+            "metric_rows_inserted": metrics.inserted,
+            "metric_rows_updated": metrics.updated,
+            "metric_rows_unchanged": metrics.unchanged,
+            "metric_rows_deleted": outcome.metric_rows_deleted,
+            "rows_upserted": campaigns.written + metrics.written,
+            "api_calls": outcome.api_calls,
+            "seconds": round(outcome.seconds, 3),
+            "per_account": MetadataValue.md(_account_table(outcome)),
+        },
+        check_results=checks,
+    )
 
 
 def _account_table(outcome) -> str:

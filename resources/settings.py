@@ -48,6 +48,8 @@ class Settings(BaseSettings):
         lookback_days: each sync re-reads this many most recent days (platforms restate them).
         history_days: the first sync of a connection backfills this many days.
         token_refresh_margin_seconds: refresh an access token when it expires within this many seconds.
+        schedule_batch_size: connections synced per scheduled Dagster run (1 = one run per connection;
+            a deployment with many connections sets e.g. 25, see README "Performance").
     """
 
     model_config = SettingsConfigDict(env_file=_env_files(), env_file_encoding="utf-8", extra="ignore")
@@ -62,6 +64,7 @@ class Settings(BaseSettings):
     lookback_days: int = Field(default=14, ge=1, le=400)
     history_days: int = Field(default=90, ge=1, le=3650)
     token_refresh_margin_seconds: int = Field(default=600, ge=0)
+    schedule_batch_size: int = Field(default=1, ge=1, le=1000)
 
     @field_validator("portal_base_url")
     @classmethod
