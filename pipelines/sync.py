@@ -169,6 +169,8 @@ def sync_connection(db: Database, cipher: TokenCipher, connector: Connector, use
         NotConnected, ConnectionNeedsReauth: nothing to do / must reconnect first.
         ReauthRequired: the platform rejected the token; the connection is marked ``needs_reauth``.
         TransientPlatformError, RateLimited: temporary; rows already loaded stay (upserts are idempotent).
+            A ``RateLimited`` naming the account being synced (``account_id``) skips only that account:
+            the others are synced, then one ``RateLimited`` listing the deferred accounts is raised.
     """
     started = time.monotonic()
     users = UserRepository(db)
@@ -183,39 +185,52 @@ def sync_connection(db: Database, cipher: TokenCipher, connector: Connector, use
     repo = CampaignRepository(db, connector.id)
     say = progress or (lambda message: log.info(message))
     outcomes: list[AccountOutcome] = []
+    deferred: list[RateLimited] = []
     session = connector.open_session(token)
     try:
         accounts = [Account.from_doc(a) for a in connection.get("accounts", [])]
         syncable = [a for a in accounts if session.syncable(a)]
         for index, account in enumerate(syncable, 1):
-            start, end = sync_window(account, days, now)
-            synced_at = utcnow()
-            metrics_result, metric_rows = UpsertResult(), 0
-            # What the store holds for the window, read once (no lookup per batch); it is empty on a
-            # first sync, so memory never grows with the history read, only with what was stored.
-            stored = repo.metric_hashes(user_id, account.id, start.isoformat(), end.isoformat())
-            for batch in batched(session.fetch_daily_metrics(account, start, end), batch_size):
-                metrics_result += repo.upsert_metrics(user_id, batch, synced_at, known=stored)
-                metric_rows += len(batch)
-                for m in batch:
-                    stored.pop((user_id, m["account_id"], m["campaign_id"], m["date"]), None)
-            # A restated day the platform no longer reports (e.g. activity reversed to zero) must not
-            # linger: stored rows of the window that were not returned are removed.
-            deleted = repo.delete_metrics(stored) if stored else 0
-            del stored
-            totals = _campaign_totals(repo, user_id, account.id)
-            campaign_docs = []
-            for doc in session.fetch_campaigns(account):
-                doc.update(totals.get(doc["campaign_id"], _ZERO_TOTALS))
-                campaign_docs.append(doc)
-            campaigns_result = UpsertResult()
-            for batch in batched(campaign_docs, batch_size):
-                campaigns_result += repo.upsert_campaigns(user_id, batch, synced_at)
-            outcomes.append(AccountOutcome(account.id, account.currency, start, end, campaigns_result,
-                                           metrics_result, metric_rows, deleted))
-            say(f"account {index}/{len(syncable)} {account.id} ({account.currency}): "
-                f"{len(campaign_docs)} campaigns, {metric_rows} metric rows {start}..{end}, "
-                f"written {campaigns_result.written + metrics_result.written}, removed {deleted}")
+            try:
+                start, end = sync_window(account, days, now)
+                synced_at = utcnow()
+                metrics_result, metric_rows = UpsertResult(), 0
+                # What the store holds for the window, read once (no lookup per batch); it is empty on a
+                # first sync, so memory never grows with the history read, only with what was stored.
+                stored = repo.metric_hashes(user_id, account.id, start.isoformat(), end.isoformat())
+                for batch in batched(session.fetch_daily_metrics(account, start, end), batch_size):
+                    metrics_result += repo.upsert_metrics(user_id, batch, synced_at, known=stored)
+                    metric_rows += len(batch)
+                    for m in batch:
+                        stored.pop((user_id, m["account_id"], m["campaign_id"], m["date"]), None)
+                # A restated day the platform no longer reports (e.g. activity reversed to zero) must not
+                # linger: stored rows of the window that were not returned are removed.
+                deleted = repo.delete_metrics(stored) if stored else 0
+                del stored
+                totals = _campaign_totals(repo, user_id, account.id)
+                campaign_docs = []
+                for doc in session.fetch_campaigns(account):
+                    doc.update(totals.get(doc["campaign_id"], _ZERO_TOTALS))
+                    campaign_docs.append(doc)
+                campaigns_result = UpsertResult()
+                for batch in batched(campaign_docs, batch_size):
+                    campaigns_result += repo.upsert_campaigns(user_id, batch, synced_at)
+                outcomes.append(AccountOutcome(account.id, account.currency, start, end, campaigns_result,
+                                               metrics_result, metric_rows, deleted))
+                say(f"account {index}/{len(syncable)} {account.id} ({account.currency}): "
+                    f"{len(campaign_docs)} campaigns, {metric_rows} metric rows {start}..{end}, "
+                    f"written {campaigns_result.written + metrics_result.written}, removed {deleted}")
+            except RateLimited as exc:
+                if not exc.account_id or exc.account_id != account.id:
+                    raise  # the whole app/user is limited: stop the partition now
+                # only this account is limited (e.g. Meta's per-ad-account limits): the others go on
+                deferred.append(exc)
+                say(f"account {index}/{len(syncable)} {account.id}: {exc}; deferred to the next sync")
+        if deferred:
+            ids = ", ".join(e.account_id for e in deferred)
+            waits = [e.retry_after for e in deferred if e.retry_after]
+            raise RateLimited(f"{len(deferred)} of {len(syncable)} accounts rate limited ({ids}); the other "
+                              f"accounts were synced", retry_after=max(waits) if waits else None)
     except ReauthRequired as exc:
         users.mark_needs_reauth(user_id, connector.id, str(exc))
         raise
@@ -244,6 +259,8 @@ def _campaign_totals(repo: CampaignRepository, user_id: ObjectId, account_id: st
 
 
 def describe_rate_limit(exc: RateLimited) -> str:
-    """A user-facing sentence for a rate limit that stops the partition until the next schedule."""
+    """A user-facing sentence for a rate limit that stops the partition until the next schedule, with
+    what the connector said (which account, which limit; connector messages never contain tokens)."""
     wait = f" (the platform asks to wait {exc.retry_after:.0f}s)" if exc.retry_after else ""
-    return f"rate limited{wait}: deferred to the next scheduled sync; nothing was lost"
+    detail = f" — {str(exc)[:300]}" if str(exc) else ""
+    return f"rate limited{wait}: deferred to the next scheduled sync; nothing was lost{detail}"

@@ -295,6 +295,7 @@ def test_long_regain_time_stops_with_rate_limited_and_no_retry_loop(connector, t
     with pytest.raises(RateLimited) as info:
         list(session.fetch_daily_metrics(account(knobs, JPY_ACCOUNT), end - dt.timedelta(days=6), end))
     assert 480 <= info.value.retry_after <= 600 and "80000" in str(info.value)
+    assert info.value.account_id == JPY_ACCOUNT  # a per-ad-account limit: only this account is deferred
     assert knobs.stats()["throttled"] == 1 and sleeps == []  # one call, no waiting, no loop
     assert session.usage[JPY_ACCOUNT].regain_minutes >= 8  # usage header read on the error answer
     # other accounts are not affected
@@ -323,6 +324,7 @@ def test_user_rate_limit_with_a_minute_to_regain_waits_within_budget_or_defers(t
     with pytest.raises(RateLimited) as info:
         list(deferring.fetch_campaigns(account(knobs, USD_ACCOUNT)))
     assert info.value.retry_after == 60 and "code 17/2446079" in str(info.value)
+    assert info.value.account_id is None  # a user-level limit stops the whole connection
 
 
 def test_usage_past_the_high_water_mark_slows_down(token, knobs):

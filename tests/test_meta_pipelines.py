@@ -163,10 +163,12 @@ def test_meta_throttled_account_defers_and_a_later_sync_completes(portal, db, me
     assert restarts(instance, deferred) == []  # no retry loop: the next schedule resumes
     sync = UserRepository(db).connection(user_id, PID)["sync"]
     assert sync["last_status"] == "deferred" and "rate limited" in sync["last_error"]
+    assert f"1 of 4 accounts rate limited ({JPY_ACCOUNT})" in sync["last_error"]
     assert "last_success_at" not in sync
     assert meta.stats()["throttled"] == 1
+    # a per-ad-account limit defers only that account: the accounts before and after it were loaded
     partial = set(db.meta_campaign_metrics.distinct("account_id", {"user_id": user["_id"]}))
-    assert JPY_ACCOUNT not in partial and partial  # accounts before it were loaded
+    assert partial == {a.id for a in meta.data.accounts()} - {JPY_ACCOUNT}
 
     meta.unthrottle()
     resumed = run(defs, platforms, instance, user_id)

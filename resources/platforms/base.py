@@ -42,11 +42,15 @@ class RateLimited(PlatformError):
 
     Attributes:
         retry_after: seconds to wait before the next call (None when the platform did not say).
+        account_id: set when the limit applies to that one account only (Meta's per-ad-account
+            limits): the sync then skips the account, syncs the others and defers it; None means the
+            whole app/user/token is limited and the partition stops at once.
     """
 
-    def __init__(self, message: str, retry_after: float | None = None):
+    def __init__(self, message: str, retry_after: float | None = None, account_id: str | None = None):
         super().__init__(message)
         self.retry_after = retry_after
+        self.account_id = account_id
 
 
 class OAuthCallbackError(PlatformError):

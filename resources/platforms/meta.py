@@ -94,6 +94,9 @@ TOKEN_ERROR_CODES = {190, 102}
 TOKEN_ERROR_SUBCODES = {458, 459, 460, 463, 464, 467}
 RATE_LIMIT_CODES = {4, 17, 32, 613} | set(range(80000, 80015))
 RATE_LIMIT_SUBCODES = {2446079, 1487742}
+#: limits that apply to one ad account (business use case limits, "too many calls from this ad-account"):
+#: the sync defers that account only; 4 (app), 17 (user) and 32 (page) stop the whole connection
+ACCOUNT_RATE_LIMIT_CODES = {613} | set(range(80000, 80015))
 TRANSIENT_CODES = {1, 2}
 TOO_MUCH_DATA_SUBCODES = {1487534}
 
@@ -490,8 +493,9 @@ class MetaAdsSession(ConnectorSession):
                     wait = regain if regain > 0 else self.settings.transient_backoff_seconds * (2 ** rate_attempt)
                     if waited + wait > self.settings.rate_limit_max_wait_seconds:
                         regain_text = f"about {regain / 60:.0f} min" if regain else "unknown"
+                        scoped = self._current_account if code in ACCOUNT_RATE_LIMIT_CODES else None
                         raise RateLimited(f"Meta rate limit during {what} ({label}; time to regain access: "
-                                          f"{regain_text})", retry_after=regain or None) from None
+                                          f"{regain_text})", retry_after=regain or None, account_id=scoped) from None
                     log.info("Meta rate limit during %s (%s): waiting %.1fs", what, label, wait)
                     self._sleep(wait)
                     waited += wait
