@@ -437,7 +437,8 @@ def portal(sandbox, db, monkeypatch, knobs):
 
     url, app, stop = serve(create)
     client = PortalClient(url=url, app=app, db=db, http=requests.Session())
-    client.signup("shop-owner@example.com")
+    response = client.signup("shop-owner@example.com")
+    assert response.status_code == 200 and "/signup" not in response.url, response.text[-3000:]
     yield client
     stop()
 
@@ -613,6 +614,8 @@ def test_shopify_end_to_end_through_portal_sensor_and_dagster(portal, db, shopif
         campaigns, rows = _store_equals_truth(db, shopify, user["_id"])
         assert meta["first_sync"] is True and meta["accounts"] == 1
         assert meta["campaigns_inserted"] == campaigns and meta["metric_rows_inserted"] == rows
+        checks = {c.check_name: c.passed for c in first.get_asset_check_evaluations()}
+        assert checks == {"metrics_reference_campaigns": True, "metrics_non_negative": True}
         # the first sync asks for 90 days; Shopify returns 60 days of orders without read_all_orders
         dates = sorted(db.shopify_campaign_metrics.distinct("date", {"user_id": user["_id"]}))
         assert dates[0] == (shopify.data.local_today(shop) - dt.timedelta(days=59)).isoformat()
