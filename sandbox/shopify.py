@@ -356,6 +356,7 @@ class ShopifySandboxData:
         return list(self._shops.values())
 
     def shop(self, domain: str) -> SandboxShop | None:
+        """The shop with this ``<name>.myshopify.com`` domain (None when unknown)."""
         return self._shops.get((domain or "").lower())
 
     def activities(self, domain: str) -> list[SandboxActivity]:
@@ -367,6 +368,7 @@ class ShopifySandboxData:
         return self._utm_only.get(domain, ())
 
     def local_today(self, domain: str) -> dt.date:
+        """Today in the shop's time zone: the last date that has orders."""
         return dt.datetime.now(self._shops[domain].zone).date()
 
     def first_visible_day(self, domain: str, all_orders: bool = False) -> dt.date | None:
@@ -532,6 +534,8 @@ class _AccessToken:
 
 
 class TokenProblem(Exception):
+    """A token endpoint refusal: ``error`` / ``error_description`` answered with HTTP ``status``."""
+
     def __init__(self, error: str, description: str, status: int = 400):
         super().__init__(error)
         self.error, self.description, self.status = error, description, status
@@ -654,6 +658,8 @@ class ShopifyOAuthServer:
 
     # ---- grants --------------------------------------------------------------------------------
     def exchange_code(self, shop: str, form: dict) -> dict:
+        """``code`` (+ ``expiring=1``) → token answer; the code is single use and bound to shop and app.
+        Without ``expiring=1`` the token never expires and has no refresh token (Shopify's legacy form)."""
         client_id = self._authenticate(form)
         code = form.get("code") or ""
         with self._lock:
@@ -698,6 +704,7 @@ class ShopifyOAuthServer:
         return self._issue(token.install, True, predecessor=token)
 
     def check_access_token(self, shop: str, token: str) -> tuple[str, str]:
+        """``(status, granted scope)`` of an access token presented to ``shop``'s Admin API."""
         with self._lock:
             entry = self._tokens.get(token or "")
             if entry is None or entry.install.shop != shop:
@@ -744,12 +751,14 @@ class ShopifyOAuthServer:
             return len(targets)
 
     def reset(self) -> None:
+        """Token TTL and callback clock skew back to their defaults (installs and tokens stay)."""
         with self._lock:
             self.access_token_ttl = self.default_ttl
             self.clock_skew = 0
 
     # ---- HTTP routes ---------------------------------------------------------------------------
     def register(self, bp: Blueprint) -> None:
+        """Add the authorize page, the consent answer and the token endpoint to ``bp`` (``/shopify``)."""
         @bp.get("/<shop>/admin/oauth/authorize")
         def authorize(shop: str):
             shop_obj = self.data.shop(shop)
@@ -1053,6 +1062,7 @@ class ShopifyAdminApi:
 
     # ---- throttle knobs ------------------------------------------------------------------------
     def bucket(self, shop: str) -> _Bucket:
+        """The shop's cost bucket (created full with the default throttle)."""
         with self._lock:
             bucket = self._buckets.get(shop)
             if bucket is None:
@@ -1060,12 +1070,14 @@ class ShopifyAdminApi:
             return bucket
 
     def set_throttle(self, maximum: float, restore_rate: float, shop: str | None = None) -> None:
+        """Give one shop (or every shop) a fresh full bucket with these limits."""
         with self._lock:
             shops = [shop] if shop else [s.domain for s in self.data.shops()]
             for domain in shops:
                 self._buckets[domain] = _Bucket(maximum, restore_rate)
 
     def reset(self) -> None:
+        """Every bucket back to the default throttle (full)."""
         with self._lock:
             self._buckets.clear()
 
@@ -1164,6 +1176,8 @@ class ShopifyAdminApi:
 
     # ---- request handling ----------------------------------------------------------------------
     def handle(self, shop: str, version: str):
+        """``POST /shopify/<shop>/admin/api/<version>/graphql.json``: token, faults, parse/validate, cost
+        and throttle, execution; always Shopify's answer shapes (401/404/429/5xx, or 200 with ``errors``)."""
         sandbox = self.sandbox
         if self.data.shop(shop) is None:
             return _json({"errors": "Not Found"}, 404)
@@ -1457,6 +1471,7 @@ class ShopifySandbox:
 
     # ---- SandboxServer interface ---------------------------------------------------------------
     def register_routes(self, app) -> None:
+        """Add OAuth, GraphQL and admin-knob routes to the shared sandbox app."""
         bp = Blueprint("shopify", __name__, url_prefix="/shopify")
         self.oauth.register(bp)
         bp.add_url_rule("/<shop>/admin/api/<version>/graphql.json", "graphql", self.api.handle, methods=["POST"])
@@ -1475,6 +1490,7 @@ class ShopifySandbox:
         return f"{self.server.base_url}/shopify/{{shop}}"
 
     def env(self) -> dict[str, str]:
+        """``SHOPIFY_API_KEY``, ``SHOPIFY_API_SECRET`` and ``SHOPIFY_ADMIN_BASE_URL`` for the connector."""
         return {"SHOPIFY_API_KEY": self.api_key, "SHOPIFY_API_SECRET": self.api_secret,
                 "SHOPIFY_ADMIN_BASE_URL": self.admin_base_url}
 

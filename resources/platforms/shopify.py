@@ -272,9 +272,11 @@ class ShopifyConnector(Connector):
 
     @classmethod
     def settings_class(cls):
+        """``ShopifySettings`` (environment variables ``SHOPIFY_*``)."""
         return ShopifySettings
 
     def is_configured(self) -> bool:
+        """True when the app's API key and secret are set."""
         return bool(self.settings.api_key and self.settings.api_secret)
 
     # ---- OAuth ---------------------------------------------------------------------------------
@@ -462,6 +464,7 @@ class ShopifyConnector(Connector):
             session.close()
 
     def open_session(self, token: dict[str, Any]) -> "ShopifySession":
+        """A GraphQL Admin session for the token's shop (see ``ShopifySession``)."""
         return ShopifySession(self.settings, token)
 
 
@@ -521,6 +524,7 @@ class _Throttle:
     stamp: float
 
     def estimate(self, now: float) -> float:
+        """Points available at ``now`` (monotonic seconds), assuming nobody else spends them."""
         return min(self.maximum, self.available + max(0.0, now - self.stamp) * self.rate)
 
 
