@@ -20,6 +20,8 @@ import dataclasses
 import datetime as dt
 import hashlib
 import ipaddress
+import json
+import logging
 import os
 import random
 import struct
@@ -188,3 +190,29 @@ class FaultInjector:
         with self._lock:
             self._queue.clear()
         self.latency = 0.0
+
+
+# ---- persisted OAuth state ----------------------------------------------------------------------
+def read_state_file(path: Path | None) -> dict | None:
+    """The JSON object saved by ``write_state_file``, or None when there is none or it is unreadable."""
+    if not path or not Path(path).exists():
+        return None
+    try:
+        state = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        logging.getLogger(__name__).warning("ignoring an unreadable sandbox state file %s", path)
+        return None
+    return state if isinstance(state, dict) else None
+
+
+def write_state_file(path: Path | None, state: dict) -> None:
+    """Save a platform sandbox's grants/tokens as JSON (mode 0600, atomic rename), so connections made
+    before a sandbox restart keep working. No-op without a path."""
+    if not path:
+        return
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        json.dump(state, handle)
+    os.replace(tmp, path)

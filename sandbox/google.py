@@ -39,9 +39,7 @@ import dataclasses
 import datetime as dt
 import hashlib
 import html
-import json
 import logging
-import os
 import re
 import secrets
 import threading
@@ -56,7 +54,7 @@ from urllib.parse import urlencode, urlsplit
 from flask import Blueprint, Response, jsonify, redirect, request
 
 from resources.platforms.base import batched
-from sandbox.common import SHARED_CAMPAIGN_NAMES, FaultInjector, digest_units, seeded_random, stable_int
+from sandbox.common import SHARED_CAMPAIGN_NAMES, FaultInjector, digest_units, seeded_random, stable_int, read_state_file, write_state_file
 
 log = logging.getLogger(__name__)
 
@@ -382,11 +380,8 @@ class GoogleOAuthServer:
 
     # ---- persistence: grants and live access tokens survive a sandbox restart -------------------
     def _load(self) -> None:
-        if not self.state_file or not self.state_file.exists():
-            return
-        try:
-            state = json.loads(self.state_file.read_text())
-        except (OSError, ValueError):
+        state = read_state_file(self.state_file)
+        if state is None:
             return
         for refresh_token, g in state.get("grants", {}).items():
             self._grants[refresh_token] = _Grant(refresh_token, g["client_id"], g["scope"], g.get("revoked", False))
@@ -407,11 +402,7 @@ class GoogleOAuthServer:
                                "grant": t.grant.refresh_token if t.grant else None}
                            for k, t in self._tokens.items() if t.expires_at > now},
             }
-            tmp = self.state_file.with_suffix(".tmp")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as handle:
-                json.dump(state, handle)
-            os.replace(tmp, self.state_file)
+            write_state_file(self.state_file, state)
 
     # ---- validation helpers --------------------------------------------------------------------
     def _redirect_allowed(self, client: dict, redirect_uri: str) -> bool:

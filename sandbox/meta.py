@@ -72,19 +72,20 @@ import hmac
 import html
 import json
 import logging
-import math
 import re
 import secrets
 import threading
 import time
 import zoneinfo
+from pathlib import Path
 from decimal import Decimal
 from typing import Any, Iterable, Iterator
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from flask import Blueprint, Response, jsonify, redirect, request
 
-from sandbox.common import SHARED_CAMPAIGN_NAMES, FaultInjector, digest_units, seeded_random, stable_int
+from sandbox.common import (SHARED_CAMPAIGN_NAMES, FaultInjector, digest_units, read_state_file, seeded_random,
+                            stable_int, write_state_file)
 
 log = logging.getLogger(__name__)
 
@@ -596,13 +597,23 @@ class _Token:
 class MetaTokens:
     """Codes and user access tokens. Thread-safe. ``check(token)`` → ``ok|expired|revoked|invalid``."""
 
-    def __init__(self, short_ttl: int = SHORT_TOKEN_TTL, long_ttl: int = LONG_TOKEN_TTL):
+    def __init__(self, short_ttl: int = SHORT_TOKEN_TTL, long_ttl: int = LONG_TOKEN_TTL, state_file=None):
         self.default_short_ttl, self.default_long_ttl = short_ttl, long_ttl
         self.short_ttl, self.long_ttl = short_ttl, long_ttl
         self._lock = threading.Lock()
         self._consents: dict[str, dict] = {}
         self._codes: dict[str, dict] = {}
         self._tokens: dict[str, _Token] = {}
+        self.state_file = state_file
+        for token, t in ((read_state_file(state_file) or {}).get("tokens") or {}).items():
+            self._tokens[token] = _Token(t["app_id"], t["kind"], t["expires_at"], tuple(t["scopes"]), t["revoked"])
+
+    def _save(self) -> None:
+        """Persist live tokens (called with the lock held), so connections survive a sandbox restart."""
+        now = time.time()
+        write_state_file(self.state_file, {"tokens": {
+            k: {"app_id": t.app_id, "kind": t.kind, "expires_at": t.expires_at, "scopes": list(t.scopes),
+                "revoked": t.revoked} for k, t in self._tokens.items() if t.expires_at > now}})
 
     def add_consent(self, entry: dict) -> str:
         consent_id = secrets.token_urlsafe(24)
@@ -639,6 +650,7 @@ class MetaTokens:
         with self._lock:
             ttl = self.long_ttl if kind == "long" else self.short_ttl
             self._tokens[token] = _Token(app_id, kind, time.time() + ttl, tuple(scopes))
+            self._save()
         return token, ttl
 
     def get(self, token: str) -> _Token | None:
@@ -661,6 +673,7 @@ class MetaTokens:
             targets = [self._tokens[token]] if token in self._tokens else [] if token else list(self._tokens.values())
             for entry in targets:
                 entry.expires_at = min(entry.expires_at, time.time() - 1)
+            self._save()
             return len(targets)
 
     def revoke(self, token: str | None = None) -> int:
@@ -668,6 +681,7 @@ class MetaTokens:
             targets = [self._tokens[token]] if token in self._tokens else [] if token else list(self._tokens.values())
             for entry in targets:
                 entry.revoked = True
+            self._save()
             return len(targets)
 
     def set_ttl(self, long_ttl: int | None = None, short_ttl: int | None = None) -> None:
@@ -723,7 +737,8 @@ class MetaSandbox:
         self.redirect_uris = options.get("redirect_uris")
         self.faults = FaultInjector()
         self.tokens = MetaTokens(int(options.get("short_token_ttl", SHORT_TOKEN_TTL)),
-                                 int(options.get("long_token_ttl", LONG_TOKEN_TTL)))
+                                 int(options.get("long_token_ttl", LONG_TOKEN_TTL)),
+                                 state_file=Path(server.data_dir) / f"meta-oauth-state-{seed}.json")
         self.default_require_proof = bool(options.get("require_appsecret_proof", False))
         self.require_proof = self.default_require_proof
         self.async_polls = max(1, int(options.get("async_polls", ASYNC_POLLS)))

@@ -63,7 +63,6 @@ import html
 import json
 import logging
 import math
-import os
 import re
 import secrets
 import threading
@@ -76,7 +75,8 @@ from urllib.parse import urlencode, urlsplit
 
 from flask import Blueprint, Response, jsonify, redirect, request
 
-from sandbox.common import SHARED_CAMPAIGN_NAMES, FaultInjector, digest_units, seeded_random, stable_int
+from sandbox.common import (SHARED_CAMPAIGN_NAMES, FaultInjector, digest_units, read_state_file, seeded_random,
+                            stable_int, write_state_file)
 
 log = logging.getLogger(__name__)
 
@@ -568,10 +568,10 @@ class ShopifyOAuthServer:
 
     # ---- persistence: installs, refresh-token chains and live access tokens survive a restart ----
     def _load(self) -> None:
-        if not self.state_file or not self.state_file.exists():
+        state = read_state_file(self.state_file)
+        if state is None:
             return
         try:
-            state = json.loads(self.state_file.read_text())
             installs = [_Install(i["shop"], i["client_id"], i["scope"], i.get("revoked", False))
                         for i in state.get("installs", [])]
             for value, r in state.get("refresh", {}).items():
@@ -607,11 +607,7 @@ class ShopifyOAuthServer:
                 "tokens": {v: {"install": index[id(t.install)], "expires_at": t.expires_at}
                            for v, t in self._tokens.items() if t.expires_at is None or t.expires_at > now},
             }
-            tmp = self.state_file.with_name(self.state_file.name + ".tmp")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as handle:
-                json.dump(state, handle)
-            os.replace(tmp, self.state_file)
+            write_state_file(self.state_file, state)
 
     # ---- helpers -------------------------------------------------------------------------------
     def _redirect_allowed(self, client: dict, redirect_uri: str) -> bool:

@@ -453,3 +453,17 @@ def test_http_knobs(token, sandbox, knobs):
     assert issued["expires_in"] == 60 * 86400
     assert requests.get(base + "/stats", timeout=5).json()["calls"]["campaigns"] >= 2
     assert requests.post(base + "/reset", timeout=5).json() == {"reset": True}
+
+
+def test_meta_tokens_survive_a_sandbox_restart(tmp_path):
+    """The demo restarts the sandbox; a Meta connection made before keeps working."""
+    from sandbox.server import SandboxServer
+
+    with SandboxServer(tmp_path, seed=13, platforms=["meta"]) as first:
+        meta = first.platform("meta")
+        token, _ = meta.tokens.issue(meta.app_id, "long", ["ads_read"])
+        revoked, _ = meta.tokens.issue(meta.app_id, "long", ["ads_read"])
+        meta.tokens.revoke(revoked)
+    with SandboxServer(tmp_path, seed=13, platforms=["meta"]) as second:
+        assert second.platform("meta").tokens.check(token) == "ok"
+        assert second.platform("meta").tokens.check(revoked) == "revoked"
