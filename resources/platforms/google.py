@@ -487,7 +487,19 @@ class GoogleAdsSession(ConnectorSession):
                    TransientPlatformError("Google token refresh failed")) from None
 
     def _stream(self, customer_id: str, login_customer_id: str | None, query: str, what: str) -> Iterator[Any]:
-        """Raw protobuf ``GoogleAdsRow``s of a SearchStream, yielded as batches arrive.
+        """Raw protobuf ``GoogleAdsRow``s of a SearchStream, yielded as batches arrive (small queries)."""
+        for batch in self._stream_batches(customer_id, login_customer_id, query, what):
+            yield from batch.results
+
+    def _stream_batches(self, customer_id: str, login_customer_id: str | None, query: str,
+                        what: str) -> Iterator[Any]:
+        """Raw protobuf ``SearchGoogleAdsStreamResponse`` batches (up to 10,000 rows each) of a SearchStream.
+
+        Memory: a parsed batch of 10,000 rows takes ~70 MB (every ``GoogleAdsRow`` carries the full
+        struct of its message types), so at most one is alive at a time: the SDK's copy of the first
+        batch (kept only to log it) is dropped, and a batch is released before the next is parsed —
+        callers map a batch to documents and drop it before asking for the next (and must not keep
+        rows, which keep their whole batch alive).
 
         Retries once, transparently, when the access token expired before any row was yielded.
         """
@@ -497,12 +509,18 @@ class GoogleAdsSession(ConnectorSession):
             self.stats.api_calls += 1
             try:
                 stream = service.search_stream(customer_id=customer_id, query=query)
-                for batch in stream:
+                iterator = iter(stream)
+                while True:
+                    try:
+                        batch = next(iterator)
+                    except StopIteration:
+                        return
+                    _drop_cached_first_response(stream)
                     pb = type(batch).pb(batch)
-                    for row in pb.results:
-                        yielded = True
-                        yield row
-                return
+                    del batch
+                    yielded = yielded or len(pb.results) > 0
+                    yield pb
+                    del pb
             except Exception as exc:
                 mapped = map_google_error(exc, what)
                 if mapped is None:
@@ -564,24 +582,10 @@ class GoogleAdsSession(ConnectorSession):
         if account.manager:
             return
         login = account.manager_id or account.id
-        for row in self._stream(account.id, login, CAMPAIGN_QUERY, f"campaigns of {account.id}"):
-            c, b = row.campaign, row.campaign_budget
-            period = _enum_name(b, "period")
-            micros = b.total_amount_micros if period == "CUSTOM_PERIOD" and b.HasField("total_amount_micros") \
-                else (b.amount_micros if b.HasField("amount_micros") else None)
-            yield {
-                "account_id": account.id,
-                "campaign_id": str(c.id),
-                "name": c.name,
-                "status": _enum_name(c, "status"),
-                "channel_type": _enum_name(c, "advertising_channel_type"),
-                "currency": account.currency,
-                "budget": micros_to_decimal(micros),
-                "budget_period": period,
-                "budget_delivery": _enum_name(b, "delivery_method"),
-                "start_date": c.start_date_time[:10] if c.start_date_time else None,
-                "end_date": c.end_date_time[:10] if c.end_date_time else None,
-            }
+        for batch in self._stream_batches(account.id, login, CAMPAIGN_QUERY, f"campaigns of {account.id}"):
+            docs = [_campaign_doc(account, row) for row in batch.results]
+            del batch  # released before the next batch is parsed (see _stream_batches)
+            yield from docs
 
     def fetch_daily_metrics(self, account: Account, start: dt.date, end: dt.date) -> Iterator[dict[str, Any]]:
         """Metric documents for ``[start, end]`` (customer-local dates), streamed as they arrive."""
@@ -589,18 +593,10 @@ class GoogleAdsSession(ConnectorSession):
             return
         login = account.manager_id or account.id
         query = METRICS_QUERY.format(start=start.isoformat(), end=end.isoformat())
-        for row in self._stream(account.id, login, query, f"metrics of {account.id}"):
-            m = row.metrics
-            yield {
-                "account_id": account.id,
-                "campaign_id": str(row.campaign.id),
-                "date": row.segments.date,
-                "impressions": int(m.impressions),
-                "clicks": int(m.clicks),
-                "spend": micros_to_decimal(m.cost_micros),
-                "currency": account.currency,
-                "conversions": Decimal(repr(float(m.conversions))).normalize() if m.conversions else Decimal(0),
-            }
+        for batch in self._stream_batches(account.id, login, query, f"metrics of {account.id}"):
+            docs = [_metric_doc(account, row) for row in batch.results]
+            del batch  # released before the next batch is parsed (see _stream_batches)
+            yield from docs
 
     def close(self) -> None:
         for service in self._services.values():
@@ -610,6 +606,52 @@ class GoogleAdsSession(ConnectorSession):
                 pass
         self._services.clear()
         self._clients.clear()
+
+
+def _campaign_doc(account: Account, row) -> dict[str, Any]:
+    """The campaign document of one raw ``GoogleAdsRow`` (see ``GoogleAdsSession``)."""
+    c, b = row.campaign, row.campaign_budget
+    period = _enum_name(b, "period")
+    micros = b.total_amount_micros if period == "CUSTOM_PERIOD" and b.HasField("total_amount_micros") \
+        else (b.amount_micros if b.HasField("amount_micros") else None)
+    return {
+        "account_id": account.id,
+        "campaign_id": str(c.id),
+        "name": c.name,
+        "status": _enum_name(c, "status"),
+        "channel_type": _enum_name(c, "advertising_channel_type"),
+        "currency": account.currency,
+        "budget": micros_to_decimal(micros),
+        "budget_period": period,
+        "budget_delivery": _enum_name(b, "delivery_method"),
+        "start_date": c.start_date_time[:10] if c.start_date_time else None,
+        "end_date": c.end_date_time[:10] if c.end_date_time else None,
+    }
+
+
+def _metric_doc(account: Account, row) -> dict[str, Any]:
+    """The daily metric document of one raw ``GoogleAdsRow`` (see ``GoogleAdsSession``)."""
+    m = row.metrics
+    return {
+        "account_id": account.id,
+        "campaign_id": str(row.campaign.id),
+        "date": row.segments.date,
+        "impressions": int(m.impressions),
+        "clicks": int(m.clicks),
+        "spend": micros_to_decimal(m.cost_micros),
+        "currency": account.currency,
+        "conversions": Decimal(repr(float(m.conversions))).normalize() if m.conversions else Decimal(0),
+    }
+
+
+def _drop_cached_first_response(stream) -> None:
+    """Forget the SDK's copy of a stream's first response (its response wrapper keeps it for the
+    logging interceptor, which logs it only at DEBUG): it would hold a whole batch for the stream's
+    life. ``stream`` is api_core's iterator around the SDK's wrapper."""
+    wrapper = getattr(stream, "_wrapped", None)
+    cache = wrapper.get_cache() if hasattr(wrapper, "get_cache") else None
+    if cache is not None and getattr(cache, "initial_response_object", None) is not None:
+        cache.initial_response_object = None
 
 
 def _enum_name(message, field: str) -> str | None:
