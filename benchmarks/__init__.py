@@ -1,0 +1,1 @@
+"""Benchmarks: ``python -m benchmarks [--quick]`` (``make bench``). Not part of the test suite."""
