@@ -16,10 +16,11 @@ from werkzeug.exceptions import HTTPException, InternalServerError
 
 from oauth_portal.core import EXTENSION_KEY, PortalState, PortalUser
 from oauth_portal.extensions import csrf, limiter, login_manager
+from oauth_portal.security import init_input_guard
 from resources import redaction
 from resources.crypto import TokenCipher
 from resources.platforms import registry
-from resources.repositories import UserRepository
+from resources.repositories import UserRepository, session_is_valid
 from resources.settings import get_settings, read_or_create_secret_file
 from resources.store import ensure_indexes, get_database
 
@@ -70,6 +71,9 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         BCRYPT_ROUNDS=12,
         DASHBOARD_PAGE_SIZE=50,
         DASHBOARD_DEFAULT_DAYS=30,
+        DASHBOARD_CACHE_SECONDS=300,
+        SYNC_STATUS_POLL_MS=3000,
+        SYNC_REQUEST_STALE_SECONDS=3600,
     )
     app.config.update(config or {})
 
@@ -91,6 +95,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
 
     csrf.init_app(app)
     limiter.init_app(app)
+    init_input_guard(app)
     _init_login(app)
 
     from oauth_portal import auth, connections, dashboard
@@ -130,6 +135,9 @@ def _init_login(app: Flask) -> None:
             return None
         # Sessions carry the epoch they were issued under; bumping the user's epoch ends them all.
         if session.get("epoch") != int(doc.get("session_epoch", 0)):
+            return None
+        # ...and a server-side session id, renewed at each login and forgotten at logout.
+        if not session_is_valid(doc, session.get("sid")):
             return None
         return PortalUser(doc)
 

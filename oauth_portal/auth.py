@@ -1,10 +1,14 @@
-"""Blueprint ``auth``: sign up, log in, log out (and log out everywhere).
+"""Blueprint ``auth``: sign up, log in, log out (here or everywhere), and the account page (change
+password, delete the account).
 
 Passwords are hashed with bcrypt. Login failures say only "invalid email or password", take the same
-time whether or not the email exists, and are rate-limited per client IP.
+time whether or not the email exists, and are rate-limited per client IP (as are sign-ups and the
+password-confirmed account actions). Each login issues a new server-side session id (see
+``UserRepository.start_session``); logging out forgets it, changing the password ends every other one.
 """
 from __future__ import annotations
 
+import logging
 import re
 from urllib.parse import urlsplit
 
@@ -17,9 +21,10 @@ from wtforms.validators import DataRequired, EqualTo, Length, Regexp, Validation
 
 from oauth_portal.core import PortalUser, portal_state
 from oauth_portal.extensions import limiter
-from resources.repositories import DuplicateEmail, normalize_email
+from resources.repositories import DuplicateEmail, delete_user_everywhere, normalize_email
 
 bp = Blueprint("auth", __name__)
+log = logging.getLogger(__name__)
 
 MIN_PASSWORD_LENGTH = 10
 #: bcrypt only looks at the first 72 bytes; longer passwords are refused rather than truncated.
@@ -122,10 +127,20 @@ class LoginForm(FlaskForm):
 
 
 def _start_session(doc: dict) -> None:
-    """Renew the session (drop everything in it) and log the user in under their current epoch."""
+    """Renew the session: drop everything in it, issue a new server-side session id, and log the user
+    in under their current epoch (a session fixed before login is never the one used after it)."""
     session.clear()
     session["epoch"] = int(doc.get("session_epoch", 0))
+    session["sid"] = portal_state().users.start_session(doc["_id"])
     login_user(PortalUser(doc))
+
+
+def _end_session() -> None:
+    """Forget this browser's session id on the server, then clear the cookie session."""
+    if current_user.is_authenticated:
+        portal_state().users.end_session(current_user.oid, session.get("sid"))
+    logout_user()
+    session.clear()
 
 
 def _after_login_target(candidate: str | None) -> str:
@@ -180,9 +195,8 @@ def login():
 
 @bp.post("/logout")
 def logout():
-    """Log out this browser (POST with CSRF token)."""
-    logout_user()
-    session.clear()
+    """Log out this browser (POST with CSRF token); its session id stops working on the server too."""
+    _end_session()
     flash("You are logged out.", "info")
     return redirect(url_for("auth.login"))
 
@@ -196,3 +210,84 @@ def logout_everywhere():
     session.clear()
     flash("You are logged out on every device.", "info")
     return redirect(url_for("auth.login"))
+
+
+# ---- account: change password, delete -----------------------------------------------------------
+class ChangePasswordForm(FlaskForm):
+    """Current password, then the new one twice."""
+
+    current_password = PasswordField("Current password", validators=[
+        DataRequired("Enter your current password."), Length(max=1024)])
+    new_password = PasswordField("New password", validators=[DataRequired("Choose a new password.")])
+    new_password_confirm = PasswordField("Repeat the new password", validators=[
+        DataRequired("Repeat the new password."), EqualTo("new_password", message="The passwords do not match.")])
+
+    def validate_new_password(self, field):
+        problem = password_problem(field.data or "", current_user.email)
+        if problem:
+            raise ValidationError(problem)
+
+
+class DeleteAccountForm(FlaskForm):
+    """The password, to confirm that the person at the keyboard owns the account."""
+
+    password = PasswordField("Password", validators=[DataRequired("Enter your password to confirm."),
+                                                     Length(max=1024)])
+
+
+def _account_page(password_form=None, delete_form=None, status: int = 200):
+    return render_template("auth/account.html", password_form=password_form or ChangePasswordForm(),
+                           delete_form=delete_form or DeleteAccountForm(),
+                           created_at=current_user.doc.get("created_at"),
+                           platforms=[c.display_name for pid, c in portal_state().connectors.items()
+                                      if current_user.connection(pid)]), status
+
+
+@bp.get("/account")
+@login_required
+def account():
+    """The account page: change password, log out everywhere, delete the account."""
+    return _account_page()
+
+
+@bp.post("/account/password")
+@login_required
+@limiter.limit(lambda: current_app.config["LOGIN_RATE_LIMIT"])
+def change_password():
+    """Check the current password, store a new bcrypt hash, end every other session and renew this one."""
+    form = ChangePasswordForm()
+    if not form.validate_on_submit():
+        return _account_page(password_form=form, status=400)
+    users = portal_state().users
+    doc = users.get(current_user.oid)
+    if doc is None or not check_password(form.current_password.data, doc.get("password_hash")):
+        form.current_password.errors.append("The current password is not correct.")
+        return _account_page(password_form=form, status=400)
+    users.set_password(current_user.oid, hash_password(form.new_password.data))
+    users.bump_session_epoch(current_user.oid)  # every other browser is logged out
+    _start_session(users.get(current_user.oid))
+    flash("Your password was changed. Other devices were logged out.", "success")
+    return redirect(url_for("auth.account"))
+
+
+@bp.post("/account/delete")
+@login_required
+@limiter.limit(lambda: current_app.config["LOGIN_RATE_LIMIT"])
+def delete_account():
+    """Delete the account after a password check: the user, every token, and every document with the
+    user's id in every platform collection and ``sync_requests``. Dagster's connections sensors then
+    drop the user's partitions (the portal never calls Dagster)."""
+    form = DeleteAccountForm()
+    if not form.validate_on_submit():
+        return _account_page(delete_form=form, status=400)
+    state = portal_state()
+    doc = state.users.get(current_user.oid)
+    if doc is None or not check_password(form.password.data, doc.get("password_hash")):
+        form.password.errors.append("The password is not correct; nothing was deleted.")
+        return _account_page(delete_form=form, status=400)
+    counts = delete_user_everywhere(state.db, current_user.oid, list(state.connectors))
+    log.info("account %s deleted (%d documents)", current_user.id, sum(counts.values()))
+    logout_user()
+    session.clear()
+    flash("Your account was deleted, with every connection and all synced data.", "success")
+    return redirect(url_for("auth.signup"))

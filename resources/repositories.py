@@ -22,6 +22,8 @@ import dataclasses
 import datetime as dt
 import hashlib
 import json
+import secrets
+import unicodedata
 from decimal import Decimal
 from typing import Any, Iterable
 
@@ -35,6 +37,8 @@ from resources.store import CAMPAIGN_KEY, METRIC_KEY, campaigns_collection, metr
 
 CONNECTED = "connected"
 NEEDS_REAUTH = "needs_reauth"
+#: concurrent logins kept per user (the oldest session ends when a newer one goes past this)
+MAX_SESSIONS = 20
 
 
 class DuplicateEmail(ValueError):
@@ -48,8 +52,14 @@ def utcnow() -> dt.datetime:
 
 
 def normalize_email(email: str) -> str:
-    """Trim and lower-case an email address (the stored, unique form)."""
-    return (email or "").strip().lower()
+    """Trim, NFKC-normalise and lower-case an email address (the stored, unique form).
+
+    Anything that is not a string (e.g. an operator object such as ``{"$ne": None}`` smuggled in a
+    JSON body) normalises to ``""``, which matches no user.
+    """
+    if not isinstance(email, str):
+        return ""
+    return unicodedata.normalize("NFKC", email).strip().lower()
 
 
 def parse_user_id(value: Any) -> ObjectId | None:
@@ -62,6 +72,16 @@ def parse_user_id(value: Any) -> ObjectId | None:
         return ObjectId(value)
     except (InvalidId, TypeError):
         return None
+
+
+def session_id_hash(session_id: str) -> str:
+    """What is stored for a session id (SHA-256 hex): a leaked ``users`` document reveals no session."""
+    return hashlib.sha256(session_id.encode("utf-8")).hexdigest()
+
+
+def session_is_valid(doc: dict[str, Any], session_id: Any) -> bool:
+    """True when ``session_id`` is one of the user's live sessions."""
+    return isinstance(session_id, str) and session_id_hash(session_id) in (doc.get("sessions") or [])
 
 
 class UserRepository:
@@ -88,7 +108,9 @@ class UserRepository:
         return doc
 
     def find_by_email(self, email: str) -> dict[str, Any] | None:
-        return self.col.find_one({"email": normalize_email(email)})
+        """The user with this (normalised) email, or None. Never matches on a non-string."""
+        normalized = normalize_email(email)
+        return self.col.find_one({"email": normalized}) if normalized else None
 
     def get(self, user_id: Any) -> dict[str, Any] | None:
         """The user by ObjectId or hex string; None when absent or not an id."""
@@ -96,17 +118,37 @@ class UserRepository:
         return self.col.find_one({"_id": oid}) if oid else None
 
     def set_password(self, user_id: ObjectId, password_hash: str) -> None:
+        """Replace the password hash (callers end the other sessions with ``bump_session_epoch``)."""
         self.col.update_one({"_id": user_id}, {"$set": {"password_hash": password_hash, "updated_at": utcnow()}})
 
     def bump_session_epoch(self, user_id: ObjectId) -> int:
         """Invalidate every existing session of the user ("log out everywhere"); returns the new epoch."""
         doc = self.col.find_one_and_update(
-            {"_id": user_id}, {"$inc": {"session_epoch": 1}, "$set": {"updated_at": utcnow()}},
+            {"_id": user_id}, {"$inc": {"session_epoch": 1}, "$set": {"updated_at": utcnow(), "sessions": []}},
             return_document=ReturnDocument.AFTER,
         )
         return int(doc.get("session_epoch", 0)) if doc else 0
 
+    # ---- server-side session ids ---------------------------------------------------------------
+    def start_session(self, user_id: ObjectId) -> str:
+        """Issue a new random session id for a login and remember (a hash of) it on the user.
+
+        The portal's cookie carries the id; a session is valid only while its hash is listed here, so
+        logging out ends that one session for good (a copied cookie stops working too). The newest
+        ``MAX_SESSIONS`` are kept; older ones end.
+        """
+        session_id = secrets.token_urlsafe(32)
+        self.col.update_one({"_id": user_id}, {"$push": {"sessions": {
+            "$each": [session_id_hash(session_id)], "$slice": -MAX_SESSIONS}}})
+        return session_id
+
+    def end_session(self, user_id: ObjectId, session_id: str | None) -> None:
+        """Forget one session id (log out in this browser)."""
+        if session_id:
+            self.col.update_one({"_id": user_id}, {"$pull": {"sessions": session_id_hash(session_id)}})
+
     def delete(self, user_id: ObjectId) -> bool:
+        """Delete the ``users`` document only (see ``delete_user_everywhere`` for the whole account)."""
         return self.col.delete_one({"_id": user_id}).deleted_count == 1
 
     # ---- connections ---------------------------------------------------------------------------
@@ -363,3 +405,25 @@ class CampaignRepository:
             query["account_id"] = {"$in": account_ids}
         return (self.campaigns.col.delete_many(query).deleted_count
                 + self.metrics.col.delete_many(query).deleted_count)
+
+
+def delete_user_everywhere(db: Database, user_id: ObjectId, platform_ids: Iterable[str]) -> dict[str, int]:
+    """Delete an account: the ``users`` document (identity, every token) first, then every document
+    carrying its ``user_id`` — each platform's campaigns and metrics, ``sync_requests``, and any other
+    collection of the database that holds such documents.
+
+    The user document goes first so the account stops working at once and the Dagster connections
+    sensors drop the user's partitions on their next tick (the portal never calls Dagster).
+
+    Returns:
+        deleted document counts by collection name (``users`` included).
+    """
+    counts = {"users": db.users.delete_one({"_id": user_id}).deleted_count}
+    names = {"sync_requests"}
+    for platform_id in platform_ids:
+        names.update((campaigns_collection(platform_id), metrics_collection(platform_id)))
+    names.update(name for name in db.list_collection_names() if not name.startswith("system."))
+    names.discard("users")
+    for name in sorted(names):
+        counts[name] = db[name].delete_many({"user_id": user_id}).deleted_count
+    return counts

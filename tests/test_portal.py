@@ -248,7 +248,7 @@ def test_logout_everywhere_ends_other_sessions(portal, db):
     other = portal.new_browser()
     other.login("ann@example.com")
     assert other.get("/dashboard", allow_redirects=False).status_code == 200
-    portal.submit("/connections", "/logout-everywhere")
+    portal.submit("/account", "/logout-everywhere")
     assert other.get("/dashboard", allow_redirects=False).status_code == 302
     assert db.users.find_one({})["session_epoch"] == 1
     other.login("ann@example.com")
