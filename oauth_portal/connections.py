@@ -12,7 +12,7 @@ import logging
 from typing import Any
 
 from authlib.common.errors import AuthlibBaseError
-from flask import Blueprint, abort, flash, redirect, render_template, request, url_for
+from flask import Blueprint, abort, current_app, flash, redirect, render_template, request, url_for
 from flask_login import current_user, login_required
 
 from oauth_portal.core import portal_state, utc_from_epoch
@@ -21,6 +21,8 @@ from resources.repositories import CONNECTED, NEEDS_REAUTH, CampaignRepository
 
 bp = Blueprint("connections", __name__, url_prefix="/connections")
 log = logging.getLogger(__name__)
+#: a token that cannot be renewed without the user is flagged on the page when fewer days remain
+TOKEN_WARN_DAYS = 15
 
 
 def _scopes(token: dict[str, Any], registration: dict[str, Any]) -> list[str]:
@@ -109,8 +111,14 @@ def platform_views(user) -> list[dict[str, Any]]:
 @login_required
 def index():
     """Every registered platform with its connection status, accounts, token expiry and last sync."""
-    return render_template("connections.html", platforms=platform_views(current_user),
-                           NEEDS_REAUTH=NEEDS_REAUTH)
+    from oauth_portal.dashboard import sync_views
+
+    platforms = platform_views(current_user)
+    syncs = sync_views(current_user, {p["id"]: p["name"] for p in platforms})
+    return render_template("connections.html", platforms=platforms, NEEDS_REAUTH=NEEDS_REAUTH,
+                           syncs=syncs, any_pending=any(v["pending"] for v in syncs.values()),
+                           poll_ms=int(current_app.config.get("SYNC_STATUS_POLL_MS", 3000)),
+                           TOKEN_WARN_DAYS=TOKEN_WARN_DAYS)
 
 
 @bp.post("/<platform_id>/connect")

@@ -485,7 +485,7 @@ def test_dashboard_paginates(make_portal, db):
     seed_campaigns(db, user_id, n=10, prefix="p")
     first = portal.get("/dashboard").text
     assert "Page 1 of 3" in first
-    names = lambda html: re.findall(r"<td>Campaign (p\d+)</td>", html)  # noqa: E731
+    names = lambda html: re.findall(r"<td><a [^>]*>Campaign (p\d+)</a></td>", html)  # noqa: E731
     seen = names(first) + names(portal.get("/dashboard?page=2").text) + names(portal.get("/dashboard?page=3").text)
     assert seen == [f"p{i:03d}" for i in range(10)]
     assert portal.get("/dashboard?page=x").status_code == 400
