@@ -220,6 +220,7 @@ def sync_connection(db: Database, cipher: TokenCipher, connector: Connector, use
                 say(f"account {index}/{len(syncable)} {account.id} ({account.currency}): "
                     f"{len(campaign_docs)} campaigns, {metric_rows} metric rows {start}..{end}, "
                     f"written {campaigns_result.written + metrics_result.written}, removed {deleted}")
+                _stop_if_gone(users, repo, user_id, connector)
             except RateLimited as exc:
                 if not exc.account_id or exc.account_id != account.id:
                     raise  # the whole app/user is limited: stop the partition now
@@ -237,6 +238,21 @@ def sync_connection(db: Database, cipher: TokenCipher, connector: Connector, use
     finally:
         session.close()
     return SyncOutcome(outcomes, session.stats.api_calls, first_sync, time.monotonic() - started)
+
+
+def _stop_if_gone(users: UserRepository, repo: CampaignRepository, user_id: ObjectId, connector: Connector) -> None:
+    """Stop a sync whose connection disappeared while it ran. If the whole account was deleted, the
+    rows this run wrote after the deletion are removed too (nothing of a deleted user may remain).
+
+    Raises:
+        NotConnected: the connection (or the user) is gone.
+    """
+    if users.connection(user_id, connector.id):
+        return
+    if users.get(user_id) is None:
+        repo.delete_user(user_id)
+        raise NotConnected(f"user {user_id} deleted their account during the sync; its rows were removed")
+    raise NotConnected(f"user {user_id} disconnected {connector.display_name} during the sync")
 
 
 _ZERO_TOTALS = {"impressions": 0, "clicks": 0, "spend": None, "totals_from": None, "totals_to": None}

@@ -258,3 +258,25 @@ def test_sensor_tracks_connections_and_schedules_request_one_run_per_partition(p
     walker.submit(walker.form(page, action_contains="/connections/google/disconnect"))
     tick(defs, instance, "google_connections_sensor")
     assert instance.get_dynamic_partitions("google_connections") == [ids["a@example.com"]]
+
+
+def test_account_deleted_during_a_sync_leaves_no_rows(portal, db, google):
+    """A sync still running when the user deletes their account must not write their data back."""
+    from pipelines.sync import NotConnected, sync_connection
+    from resources.platforms.registry import get_connector, platform_ids
+    from resources.repositories import delete_user_everywhere
+
+    connect_user(portal, "leaving@example.com")
+    user = UserRepository(db).find_by_email("leaving@example.com")
+    deleted = []
+
+    def delete_after_first_account(message: str) -> None:
+        if not deleted:
+            deleted.append(delete_user_everywhere(db, user["_id"], platform_ids()))
+
+    with pytest.raises(NotConnected, match="deleted their account"):
+        sync_connection(db, TokenCipher.from_settings(get_settings()), get_connector(PID), user["_id"],
+                        history_days=7, progress=delete_after_first_account)
+    assert deleted and UserRepository(db).get(user["_id"]) is None
+    assert db.google_campaigns.count_documents({"user_id": user["_id"]}) == 0
+    assert db.google_campaign_metrics.count_documents({"user_id": user["_id"]}) == 0
