@@ -24,16 +24,20 @@ HERE = Path(__file__).resolve().parent
 
 #: sizes of each measure, full and quick
 PLANS = {
-    "full": {"p1": {"campaigns": 200, "days": 90}, "memory": {"campaigns": 200, "days": (90, 900),
+    "full": {"p1": {"campaigns": 200, "days": 90,
+                    # a shop's reading time follows its orders (computed per day by the sandbox's GraphQL
+                    # executor), not its campaigns: Shopify is measured at a size that fits the run
+                    "sizes": {"shopify": {"campaigns": 50, "days": 30}}},
+             "memory": {"campaigns": 200, "days": (90, 900),
                                                                  "platforms": ["google", "meta"]},
              "p2": {"campaigns": 100, "days": 30, "peer_runs": RUNS},
              "p3": {"users": 100, "campaigns": 50, "days": 30, "batch_size": 25, "max_runs": 4,
-                    "baseline_users": 10}},
-    "quick": {"p1": {"campaigns": 40, "days": 14}, "memory": {"campaigns": 40, "days": (30, 300),
+                    "baseline_users": 10, "budget_seconds": 1200}},
+    "quick": {"p1": {"campaigns": 60, "days": 30, "sizes": {"shopify": {"campaigns": 20, "days": 14}}}, "memory": {"campaigns": 40, "days": (30, 300),
                                                                  "platforms": ["google"]},
               "p2": {"campaigns": 40, "days": 7, "peer_runs": 1},
               "p3": {"users": 6, "campaigns": 20, "days": 14, "batch_size": 25, "max_runs": 4,
-                     "baseline_users": 0}},
+                     "baseline_users": 0, "budget_seconds": None}},
 }
 
 TARGETS = {"p1": 1.5, "p4": 1.1, "p2": 3.0, "p3": 1.0, "memory": 1.5}
@@ -77,8 +81,9 @@ def run(quick: bool) -> dict[str, Any]:
             _warm_store()
             for pid in platforms:
                 memory = plan["memory"]["days"] if pid in plan["memory"]["platforms"] else None
-                campaigns = plan["p1"]["campaigns"]
-                _guard(measures, f"p1_{pid}", measure_p1_p4, pid, campaigns, plan["p1"]["days"], RUNS, memory)
+                size = {"campaigns": plan["p1"]["campaigns"], "days": plan["p1"]["days"],
+                        **plan["p1"].get("sizes", {}).get(pid, {})}
+                _guard(measures, f"p1_{pid}", measure_p1_p4, pid, size["campaigns"], size["days"], RUNS, memory)
             if "meta" in platforms:
                 p2 = plan["p2"]
                 _guard(measures, "p2", measure_p2, p2["campaigns"], p2["days"], RUNS, p2["peer_runs"])
@@ -86,7 +91,7 @@ def run(quick: bool) -> dict[str, Any]:
                 measures["p2"] = {"error": "no Meta platform with a sandbox is registered"}
             p3 = plan["p3"]
             _guard(measures, "p3", measure_p3, platforms, p3["users"], p3["campaigns"], p3["days"], RUNS,
-                   max_runs=p3["max_runs"], batch_sizes=(p3["batch_size"],))
+                   max_runs=p3["max_runs"], batch_sizes=(p3["batch_size"],), budget_seconds=p3["budget_seconds"])
             if p3["baseline_users"]:
                 _guard(measures, "p3_per_partition", measure_p3, platforms, p3["baseline_users"], p3["campaigns"],
                        p3["days"], 1, max_runs=p3["max_runs"], batch_sizes=(1,))
@@ -142,10 +147,13 @@ def table(results: dict[str, Any]) -> str:
                      f"campaigns through Dagster) {_s(p1['real_s'])} vs floor ({p1['floor']}) {_s(p1['floor_s'])} "
                      f"= **{ratio:.2f}×**", "≤ 1.5×", _met(ratio <= TARGETS["p1"])))
         p4 = r["p4"]
+        parts = p4.get("breakdown") or {}
+        extra = (f"; beyond the fetch: stored hashes read {_s(parts.get('stored_hashes_read_s'))}, rows hashed "
+                 f"{_s(parts.get('hash_rows_s'))}, campaign totals {_s(parts.get('campaign_totals_s'))}") if parts else ""
         rows.append(("P4 re-sync, nothing changed", pid,
-                     f"{p4['modified']} documents modified; re-sync {_s(p4['resync_body_s'])} vs fetch-only "
-                     f"{_s(p4['fetch_only_s'])} = **{p4['ratio']:.2f}×** (the whole Dagster run: "
-                     f"{_s(p4['resync_job_s'])} = {p4['ratio_job']:.2f}×)", "0; ≤ 1.1×",
+                     f"{p4['modified']} documents modified ({p4['rows']:,} rows re-read); re-sync (the asset's work) "
+                     f"{_s(p4['resync_body_s'])} vs fetch-only {_s(p4['fetch_only_s'])} = **{p4['ratio']:.2f}×** (the "
+                     f"whole Dagster run: {_s(p4['resync_job_s'])} = {p4['ratio_job']:.2f}×){extra}", "0; ≤ 1.1×",
                      _met(p4["modified"] == 0 and p4["ratio"] <= TARGETS["p4"])))
         if "memory" in r:
             mem = r["memory"]
@@ -186,7 +194,7 @@ def table(results: dict[str, Any]) -> str:
             continue
         for mode in p3["modes"].values():
             over = mode["overhead_per_connection_s"]
-            runs_note = "" if len(mode["wall_runs"]) > 1 else " (1 run)"
+            runs_note = "" if len(mode["wall_runs"]) == RUNS else f" (median of {len(mode['wall_runs'])} run{'s' if len(mode['wall_runs']) != 1 else ''})"
             rows.append((label, "+".join(p3["platforms"]),
                          f"{p3['users']} users × {len(p3['platforms'])} platforms = {p3['connections']} connections "
                          f"({p3['campaigns']} campaigns × {p3['days']} days each), SCHEDULE_BATCH_SIZE={mode['batch_size']}: "
@@ -223,7 +231,9 @@ def main(argv: list[str] | None = None) -> int:
     body = json.dumps(results, indent=1, default=str)
     for path in (BENCH_DIR / f"results-{results['mode']}-{stamp}.json", BENCH_DIR / "latest.json"):
         path.write_text(body)
-    md = f"{text}\n\n{facts_line(results)}; {results['total_seconds']:.0f} s in all.\n"
+    note = ("\nQuick mode: small sizes, where fixed per-run costs (Dagster run, token check) dominate; the "
+            "targets are for the full sizes (`make bench`).\n" if args.quick else "")
+    md = f"{text}\n{note}\n{facts_line(results)}; {results['total_seconds']:.0f} s in all.\n"
     (BENCH_DIR / "latest.md").write_text(md)
     if args.commit_copy:
         (HERE / "results").mkdir(exist_ok=True)

@@ -56,13 +56,22 @@ class Timer:
         self.seconds = time.perf_counter() - self.started
 
 
-def rss_mb() -> float:
-    """Current resident set size of this process, MB."""
+def _status_mb(field: str) -> float:
     with open("/proc/self/status") as handle:
         for line in handle:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def rss_mb() -> float:
+    """Current resident set size of this process, MB."""
+    return _status_mb("VmRSS")
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process since it started (``VmHWM``), MB."""
+    return _status_mb("VmHWM")
 
 
 # ---- machine facts ---------------------------------------------------------------------------------
@@ -186,6 +195,35 @@ class SandboxProcess:
         return answer.json()
 
 
+class SandboxGroup:
+    """One sandbox child process per platform (each with its own interpreter, so the platforms' stand-ins
+    do not share one GIL), seen as one: merged ``env`` and ``connect_form_values``."""
+
+    def __init__(self, options: dict | None = None, platforms: list[str] | None = None, seed: int = 7):
+        self.members = {pid: SandboxProcess({pid: (options or {}).get(pid) or {}}, [pid], seed=seed)
+                        for pid in platforms or []}
+        self.env: dict[str, str] = {}
+        self.connect_form_values: dict[str, dict] = {}
+
+    def start(self) -> "SandboxGroup":
+        try:
+            for member in self.members.values():
+                member.start()
+                self.env.update(member.env)
+                self.connect_form_values.update(member.connect_form_values)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        for member in self.members.values():
+            member.stop()
+
+    def admin(self, platform_id: str, path: str, body: dict | None = None) -> dict:
+        return self.members[platform_id].admin(platform_id, path, body)
+
+
 @contextlib.contextmanager
 def environment(values: dict[str, str]):
     """Put ``values`` in ``os.environ`` (and refresh the cached settings) for the block."""
@@ -213,7 +251,7 @@ class Portal:
     the app is created. bcrypt cost and the sign-up rate limit are lowered (setup, not measured).
     """
 
-    def __init__(self, sandbox: SandboxProcess | None = None):
+    def __init__(self, sandbox: "SandboxProcess | SandboxGroup | None" = None):
         self.url = ""
         self._server = None
         self._env = None

@@ -189,7 +189,9 @@ def measure_p1_p4(platform_id: str, campaigns: int, days: int, runs: int = RUNS,
                 say(f"P4 {platform_id} run {index + 1}/{runs}: fetch-only {fetch_times[-1]:.2f}s ({fetched} rows), "
                     f"re-sync body {resync_body[-1]:.2f}s, re-sync job {resync_job[-1]:.2f}s, "
                     f"modified {modified[-1]} (reported written {meta.get('rows_upserted')}+{outcome.rows()['written']})")
+            breakdown = p4_breakdown(db, cipher, platform_id, conn.user_id, days)
             out["p4"] = {"rows": fetched, "modified": max(modified), "fetch_only_s": median(fetch_times),
+                         "breakdown": breakdown,
                          "resync_body_s": median(resync_body), "resync_job_s": median(resync_job),
                          "ratio": median(resync_body) / median(fetch_times),
                          "ratio_job": median(resync_job) / median(fetch_times),
@@ -204,17 +206,53 @@ def measure_p1_p4(platform_id: str, campaigns: int, days: int, runs: int = RUNS,
     return out
 
 
+def p4_breakdown(db, cipher, platform_id: str, user_id: str, days: int) -> dict[str, float]:
+    """Where a re-sync's time goes beyond fetching, each part timed alone: reading the window's stored
+    hashes (one query per account), hashing the fetched rows, and the campaign totals aggregate."""
+    import datetime as dt
+
+    from pipelines.sync import _campaign_totals, sync_window
+    from resources.platforms.base import Account
+    from resources.platforms.registry import get_connector
+    from resources.repositories import CampaignRepository, UserRepository, content_hash
+
+    oid = ObjectId(user_id)
+    connection = UserRepository(db).connection(oid, platform_id)
+    accounts = [Account.from_doc(a) for a in connection["accounts"]]
+    session = get_connector(platform_id).open_session(cipher.decrypt(connection["token"]))
+    repo = CampaignRepository(db, platform_id)
+    now = dt.datetime.now(dt.timezone.utc)
+    parts = {"stored_hashes_read_s": 0.0, "hash_rows_s": 0.0, "campaign_totals_s": 0.0}
+    try:
+        for account in accounts:
+            if not session.syncable(account):
+                continue
+            start, end = sync_window(account, days, now)
+            docs = list(session.fetch_daily_metrics(account, start, end))
+            with Timer() as t:
+                repo.metric_hashes(oid, account.id, start.isoformat(), end.isoformat())
+            parts["stored_hashes_read_s"] += t.seconds
+            with Timer() as t:
+                for doc in docs:
+                    content_hash({k: v for k, v in doc.items() if k not in ("account_id", "campaign_id", "date")})
+            parts["hash_rows_s"] += t.seconds
+            with Timer() as t:
+                _campaign_totals(repo, oid, account.id)
+            parts["campaign_totals_s"] += t.seconds
+    finally:
+        session.close()
+    return parts
+
+
 def _child_peak(spec: dict) -> dict:
-    """Run ``benchmarks.memory_child`` and return its JSON line plus its peak RSS (MB, from wait4)."""
-    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.memory_child", json.dumps(spec)], cwd=PROJECT_ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env={**os.environ, **OFFLINE_ENV})
-    output = proc.stdout.read().decode()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    """Run ``benchmarks.memory_child`` and return its JSON line (its own peak RSS included)."""
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.memory_child", json.dumps(spec)], cwd=PROJECT_ROOT,
+                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env={**os.environ, **OFFLINE_ENV})
+    output = proc.stdout.decode()
     lines = [line for line in output.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"memory child failed ({proc.returncode}): {output[-500:]}")
-    return {**json.loads(lines[-1]), "peak_rss_mb": usage.ru_maxrss / 1024}
+    return json.loads(lines[-1])
 
 
 def measure_memory(db, conn: Connection, days_list: tuple[int, int], runs: int) -> dict[str, Any]:

@@ -3,8 +3,9 @@ process's peak resident memory from ``wait4``).
 
     python -m benchmarks.memory_child '{"platform": "google", "user_id": "...", "db": "...", "days": 90}'
 
-Prints one JSON line: resident memory before the run (everything imported, definitions built) and
-after, the metric rows written and whether the run succeeded.
+Prints one JSON line: resident memory before the run (everything imported, definitions built), after,
+and the peak (``VmHWM`` of this process: not ``wait4``'s ``ru_maxrss``, which on Linux keeps the
+parent's resident size from before ``exec``), the metric rows written and whether the run succeeded.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import sys
 
 def main() -> int:
     spec = json.loads(sys.argv[1])
-    from benchmarks.harness import dagster_instance, rss_mb
+    from benchmarks.harness import dagster_instance, peak_rss_mb, rss_mb
     from benchmarks.measures import materialization_metadata, sync_run_config
     from pipelines.assets import partitions_name
     from pipelines.definitions import build_definitions
@@ -32,7 +33,8 @@ def main() -> int:
     result = job.execute_in_process(instance=instance, partition_key=spec["user_id"], raise_on_error=False,
                                     run_config=sync_run_config(pid, int(spec["days"])))
     meta = materialization_metadata(result, f"{pid}_campaigns")
-    print(json.dumps({"rss_before_mb": before, "rss_after_mb": rss_mb(), "success": result.success,
+    print(json.dumps({"rss_before_mb": before, "rss_after_mb": rss_mb(), "peak_rss_mb": peak_rss_mb(),
+                      "success": result.success,
                       "rows": int(meta.get("metric_rows_inserted", 0))}), flush=True)
     instance.dispose()
     return 0 if result.success else 1

@@ -30,7 +30,7 @@ from typing import Any
 from bson import ObjectId
 
 from benchmarks import floors
-from benchmarks.harness import (BENCH_DIR, OFFLINE_ENV, Portal, SandboxProcess, Timer, environment, median, say)
+from benchmarks.harness import (BENCH_DIR, OFFLINE_ENV, Portal, SandboxGroup, Timer, environment, median, say)
 from resources.settings import PROJECT_ROOT
 
 DAGSTER_YAML = """\
@@ -63,6 +63,20 @@ def _last_cron_time(cron: str, now: dt.datetime) -> dt.datetime:
     return last
 
 
+@contextlib.contextmanager
+def _stdout_to_stderr():
+    """The code server started to read the code location logs to stdout: keep stdout for the table."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def _set_instigator_states(instance, fire: set[str]) -> dict[str, Any]:
     """Stop every sensor and schedule of the code location except the schedules in ``fire``, which
     are set RUNNING from just before their latest cron time. Returns those remote schedules."""
@@ -73,7 +87,7 @@ def _set_instigator_states(instance, fire: set[str]) -> dict[str, Any]:
 
     now = dt.datetime.now(dt.timezone.utc)
     fired = {}
-    with WorkspaceProcessContext(instance, WorkspaceFileTarget([str(PROJECT_ROOT / "workspace.yaml")])) as process:
+    with _stdout_to_stderr(), WorkspaceProcessContext(instance, WorkspaceFileTarget([str(PROJECT_ROOT / "workspace.yaml")])) as process:
         context = process.create_request_context()
         for entry in context.get_code_location_entries().values():
             if entry.code_location is None:
@@ -195,9 +209,11 @@ def floor_for_connections(db, cipher, connections: list[tuple[str, str]], days: 
 
 
 def measure_p3(platform_ids: list[str], users: int, campaigns: int, days: int, runs: int = 3,
-               max_runs: int = 4, pool_limit: int = 2, batch_sizes: tuple[int, ...] = (25,)) -> dict[str, Any]:
+               max_runs: int = 4, pool_limit: int = 2, batch_sizes: tuple[int, ...] = (25,),
+               budget_seconds: float | None = None) -> dict[str, Any]:
     """P3 for ``users`` users connected to every platform in ``platform_ids``, once per schedule mode in
-    ``batch_sizes`` (``SCHEDULE_BATCH_SIZE``: 1 = one run per connection)."""
+    ``batch_sizes`` (``SCHEDULE_BATCH_SIZE``: 1 = one run per connection). With ``budget_seconds``,
+    repetitions stop early when the next one would end past the budget (the result says how many ran)."""
     from benchmarks.measures import reset_platform_data, sandbox_options
     from resources.crypto import TokenCipher
     from resources.settings import get_settings
@@ -206,7 +222,7 @@ def measure_p3(platform_ids: list[str], users: int, campaigns: int, days: int, r
     db_name = "bench_p3"
     out: dict[str, Any] = {"platforms": platform_ids, "users": users, "campaigns": campaigns, "days": days,
                            "connections": users * len(platform_ids)}
-    sandbox = SandboxProcess(sandbox_options(platform_ids, campaigns), platform_ids).start()
+    sandbox = SandboxGroup(sandbox_options(platform_ids, campaigns), platform_ids).start()
     try:
         env = {**sandbox.env, "MONGODB_DB": db_name, "HISTORY_DAYS": str(days)}
         with environment(env):
@@ -228,7 +244,12 @@ def measure_p3(platform_ids: list[str], users: int, campaigns: int, days: int, r
             walls: dict[int, list[float]] = {size: [] for size in batch_sizes}
             results: dict[int, list[dict]] = {size: [] for size in batch_sizes}
             floor_times: list[float] = []
+            measure_started = time.monotonic()
             for index in range(runs):
+                spent = time.monotonic() - measure_started
+                if index and budget_seconds and spent / index * (index + 1) > budget_seconds:
+                    say(f"P3: one repetition takes ~{spent / index:.0f}s; stopping after {index} (budget {budget_seconds:.0f}s)")
+                    break
                 if with_floor:
                     floor_times.append(floor_for_connections(db, cipher, connections, days))
                     say(f"P3 floor {index + 1}/{runs}: {floor_times[-1]:.1f}s")
