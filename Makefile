@@ -13,6 +13,8 @@ help:
 	@echo "make test       the test suite (starts its own store and sandbox)"
 	@echo "make sandbox    only the offline platform sandbox"
 	@echo "make store      only the embedded MongoDB-wire store"
+	@echo "make bench      the benchmarks (QUICK=1 for a short run)"
+	@echo "make clean-data remove data/ (store file, keys, Dagster instance, sandbox state)"
 
 setup: $(STAMP)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+from resources.money import format_amount
 from decimal import Decimal
 from typing import Sequence
 
@@ -44,8 +45,8 @@ def _fmt_axis(value: float, money: bool) -> str:
     return f"{value:,.0f}" if value == int(value) else f"{value:,.1f}"
 
 
-def _money(value: Decimal) -> str:
-    return f"{value:,.2f}"
+def _money(value: Decimal, currency: str | None = None) -> str:
+    return format_amount(value, currency)
 
 
 def _label_step(count: int, max_labels: int = 8) -> int:
@@ -71,7 +72,7 @@ def spend_clicks_svg(points: Sequence[DayPoint], currency: str, title: str) -> M
     first = points[0].day.isoformat() if points else ""
     last = points[-1].day.isoformat() if points else ""
     label = (f"{title}: spend per day in {currency} (bars) and clicks per day (line), {first} to {last}; "
-             f"total {_money(total_spend)} {currency}, {total_clicks:,} clicks")
+             f"total {_money(total_spend, currency)} {currency}, {total_clicks:,} clicks")
     out = [f'<svg class="chart" viewBox="0 0 {WIDTH} {HEIGHT}" role="img" aria-label="{escape(label)}" '
            f'xmlns="http://www.w3.org/2000/svg" preserveAspectRatio="xMidYMid meet">',
            f"<title>{escape(label)}</title>"]
@@ -99,7 +100,7 @@ def spend_clicks_svg(points: Sequence[DayPoint], currency: str, title: str) -> M
             spend_h = plot_h * float(point.spend) / spend_max
             cy = TOP + plot_h - plot_h * point.clicks / clicks_max
             line.append(f"{x0 + slot / 2:.1f},{cy:.1f}")
-            tip = (f"{point.day.isoformat()}: spend {_money(point.spend)} {currency}, {point.clicks:,} clicks, "
+            tip = (f"{point.day.isoformat()}: spend {_money(point.spend, currency)} {currency}, {point.clicks:,} clicks, "
                    f"{point.impressions:,} impressions")
             out.append(f'<g class="day" data-date="{point.day.isoformat()}"><title>{escape(tip)}</title>'
                        f'<rect class="hit" x="{x0:.1f}" y="{TOP}" width="{slot:.1f}" height="{plot_h}"/>'

@@ -26,6 +26,7 @@ from oauth_portal.connections import platform_views
 from oauth_portal.core import portal_state
 from oauth_portal.reporting import to_decimal  # noqa: F401 — re-exported for older imports
 from oauth_portal.sync_status import PENDING, describe, is_stale, latest_requests
+from resources.money import format_amount
 from resources.repositories import utcnow
 from resources.store import campaigns_collection
 
@@ -37,14 +38,9 @@ CACHE_KEY = "dashboard_sums_cache"
 CHART_MAX_DAYS = 120
 
 
-def format_money(value: Any) -> str:
-    """``1234.5`` → ``1,234.50`` (exact; at least two decimals, more when the value has them)."""
-    amount = to_decimal(value)
-    if amount is None:
-        return "—"
-    if amount == amount.to_integral_value() or -amount.as_tuple().exponent <= 2:
-        return f"{amount:,.2f}"
-    return f"{amount:,}"
+def format_money(value: Any, currency: str | None = None) -> str:
+    """``1234.5, "USD"`` → ``1,234.50``; ``46200, "JPY"`` → ``46,200`` (see ``resources.money``)."""
+    return format_amount(to_decimal(value), currency)
 
 
 def format_ratio(value: Decimal | None, places: int = 2, suffix: str = "") -> str:

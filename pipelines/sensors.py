@@ -34,7 +34,8 @@ def build_connections_sensor(platform: PlatformDefinitions):
     def connections_sensor(context: SensorEvaluationContext, store: MongoStoreResource):
         users = UserRepository(store.db())
         wanted: dict[str, dict] = {}
-        for doc in users.connections(pid, {"_id": 1, f"oauth.{pid}.status": 1, f"oauth.{pid}.connected_at": 1}):
+        for doc in users.connections(pid, {"_id": 1, f"oauth.{pid}.status": 1, f"oauth.{pid}.connected_at": 1,
+                                           f"oauth.{pid}.sync.last_success_at": 1}):
             wanted[str(doc["_id"])] = doc["oauth"][pid]
         existing = set(context.instance.get_dynamic_partitions(platform.partitions.name))
         to_add = sorted(set(wanted) - existing)[:MAX_PARTITION_CHANGES]
@@ -50,6 +51,8 @@ def build_connections_sensor(platform: PlatformDefinitions):
             stamp = connected_at.isoformat() if isinstance(connected_at, dt.datetime) else str(connected_at or "")
             if stamp <= since or connection.get("status") != CONNECTED:
                 continue
+            if (connection.get("sync") or {}).get("last_success_at"):
+                continue  # already synced since it was (re)connected, e.g. by `make demo-once`
             if key not in existing and key not in to_add:
                 deferred = True  # over this tick's partition budget: handled next tick
                 continue

@@ -25,7 +25,16 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--dagster-port", type=int, default=3000)
     sub.add_parser("rotate-keys", help="re-encrypt stored tokens under the newest TOKEN_ENCRYPTION_KEYS key")
     args = parser.parse_args(argv)
+    from resources.settings import ConfigurationError
 
+    try:
+        return _run(args)
+    except ConfigurationError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
     if args.command == "store":
         from resources.store.embedded import main as store_main
 
@@ -36,7 +45,9 @@ def main(argv: list[str] | None = None) -> int:
         return sandbox_main([])
     if args.command == "portal":
         from oauth_portal import create_app
+        from resources.store import check_store, get_database
 
+        check_store(get_database())
         create_app().run(host="127.0.0.1", port=args.port)
         return 0
     if args.command == "demo":
@@ -53,9 +64,12 @@ def _rotate_keys() -> int:
     from resources.settings import get_settings
     from resources.store import get_database
 
+    from resources.store import check_store
+
     settings = get_settings()
     cipher = TokenCipher.from_settings(settings)
     db = get_database(settings)
+    check_store(db)
     count = 0
     for user in db.users.find({"oauth": {"$exists": True}}, {"oauth": 1}):
         for platform_id, connection in (user.get("oauth") or {}).items():

@@ -25,6 +25,7 @@ from collections import defaultdict
 from decimal import Decimal
 from pathlib import Path
 
+from resources.money import format_amount
 from resources.settings import PROJECT_ROOT, ConfigurationError, get_settings
 
 DEMO_EMAIL = "demo@example.com"
@@ -64,7 +65,7 @@ class Services:
         settings = get_settings()
         env: dict[str, str] = {}
         if settings.mongodb_uri:
-            _say(f"[store] using MONGODB_URI")
+            _say("[store] using MONGODB_URI")
         else:
             self.store = EmbeddedStore(self.data_dir, publish=True, log=_say)
             env["MONGODB_URI"] = self.store.start()
@@ -107,6 +108,19 @@ def _dagster_home(data_dir: Path) -> Path:
     return home
 
 
+def _port_free(port: int) -> bool:
+    """True when nothing listens on 127.0.0.1:``port`` (so our server can bind it)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
@@ -118,10 +132,20 @@ def run_demo(once: bool = False, portal_port: int = 5000, dagster_port: int = 30
     signal.signal(signal.SIGTERM, _interrupt)
     settings = get_settings()
     data_dir = settings.ensure_data_dir().resolve()
+    busy = [f"{what} port {port} is in use (choose another with {flag})"
+            for what, port, flag in (("portal", portal_port, "--portal-port"),
+                                     ("Dagster UI", None if once else dagster_port, "--dagster-port"))
+            if port is not None and not _port_free(port)]
+    if busy:
+        print("error: " + "; ".join(busy), file=sys.stderr)
+        return 2
     os.environ["DAGSTER_HOME"] = str(_dagster_home(data_dir))
     services = Services(data_dir, portal_port)
     try:
         services.start()
+        from resources.store import check_store, get_database
+
+        check_store(get_database())
     except (ConfigurationError, OSError) as exc:
         services.stop()
         print(f"error: {exc}", file=sys.stderr)
@@ -319,7 +343,7 @@ def _report_and_verify(db, platform_sandbox, platform_id: str, user_id) -> bool:
         dates = sorted(row["dates"])
         span = f"{dates[0]}..{dates[-1]}" if dates else "-"
         _say(f"    {account_id:<{width}}{row['currency']:<10}{row['campaigns']:>10}{row['metric_rows']:>13}"
-             + (f"{row['orders']:>9}" if sales else "") + f"{row[money]:>16,.2f}  {span}")
+             + (f"{row['orders']:>9}" if sales else "") + f"{format_amount(row[money], row['currency']):>16}  {span}")
         per_currency[row["currency"]] += row[money]
         if not dates:
             continue
@@ -342,7 +366,7 @@ def _report_and_verify(db, platform_sandbox, platform_id: str, user_id) -> bool:
             ok = False
             _say(f"    MISMATCH in {account_id}: campaigns {len(got_campaigns)} stored vs {len(truth_campaigns)} in truth")
     for currency, total in sorted(per_currency.items()):
-        _say(f"    total {money} {currency}: {total:,.2f}")
+        _say(f"    total {money} {currency}: {format_amount(total, currency)}")
     return ok
 
 
@@ -377,9 +401,9 @@ def _report_join(db, platform_ids: list[str], user_id) -> None:
                 entry["revenue"] += _plain(doc["revenue"]) or Decimal(0)
         for (name, currency), entry in sorted(totals.items()):
             if entry["sales"]:
-                lines[name].append(f"{pid} {entry['orders']} orders {entry['revenue']:,.2f} {currency}")
+                lines[name].append(f"{pid} {entry['orders']} orders {format_amount(entry['revenue'], currency)} {currency}")
             else:
-                lines[name].append(f"{pid} spend {entry['spend']:,.2f} {currency}")
+                lines[name].append(f"{pid} spend {format_amount(entry['spend'], currency)} {currency}")
     joined = {name: parts for name, parts in lines.items() if len({p.split()[0] for p in parts}) > 1}
     if not joined:
         return

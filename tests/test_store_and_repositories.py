@@ -124,3 +124,13 @@ def test_embedded_store_persists_and_leaves_no_process(tmp_path):
     assert proc.poll() is not None, "the Java process must be gone after stop()"
     with EmbeddedStore(tmp_path, db_file=db_file) as again, MongoClient(again.uri) as client:
         assert client.app.things.count_documents({}) == 10
+
+
+def test_money_display_follows_the_currency_minor_units():
+    from resources.money import format_amount
+
+    assert format_amount(Decimal("46200"), "JPY") == "46,200"
+    assert format_amount(Decimal("1234.5"), "USD") == "1,234.50"
+    assert format_amount(Decimal("1.2345"), "KWD") == "1.2345"  # real extra precision is kept
+    assert format_amount(Decimal("7"), "KWD") == "7.000"
+    assert format_amount(None, "EUR") == "—"

@@ -41,7 +41,14 @@ def get_client(uri: str) -> MongoClient:
     with _lock:
         client = _clients.get(uri)
         if client is None:
-            client = MongoClient(uri, tz_aware=True, serverSelectionTimeoutMS=10_000, appname="unified-ads")
+            from pymongo.errors import ConfigurationError as MongoURIError, InvalidURI
+
+            from resources.settings import ConfigurationError
+
+            try:
+                client = MongoClient(uri, tz_aware=True, serverSelectionTimeoutMS=10_000, appname="unified-ads")
+            except (InvalidURI, MongoURIError, ValueError) as exc:
+                raise ConfigurationError(f"MONGODB_URI is not a valid MongoDB connection string: {exc}") from None
             _clients[uri] = client
         return client
 
@@ -54,6 +61,28 @@ def get_database(settings: Settings | None = None) -> Database:
     """
     settings = settings or get_settings()
     return get_client(settings.resolved_mongodb_uri())[settings.mongodb_db]
+
+
+def check_store(db: Database, timeout_ms: int = 5000) -> None:
+    """Ping the store once so an unreachable one fails early with a clear message.
+
+    Raises:
+        resources.settings.ConfigurationError: the server cannot be reached or the URI is invalid; the
+            message names the host (never credentials) and says what to do.
+    """
+    from pymongo.errors import PyMongoError
+
+    from resources.settings import ConfigurationError
+
+    hosts = ", ".join(f"{h}:{p}" for h, p in (db.client.topology_description.server_descriptions() or {}))
+    try:
+        db.client.get_database(db.name).command("ping", maxTimeMS=timeout_ms)
+    except PyMongoError as exc:
+        raise ConfigurationError(
+            f"Cannot reach the MongoDB store at {hosts or 'the configured address'} ({type(exc).__name__}). "
+            "Check MONGODB_URI, or start the embedded store with `make store` (it replaces a data/store.uri "
+            "left behind by a store that was killed)."
+        ) from None
 
 
 def ensure_indexes(db: Database, platform_ids=None) -> None:

@@ -8,7 +8,6 @@ our stdin pipe closes, so it never outlives the process that started it.
 """
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import subprocess
@@ -99,6 +98,7 @@ class EmbeddedStore:
         log_path = self.data_dir / "store" / "server.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log_file = open(log_path, "ab")
+        log_start = self._log_file.tell()
         self.process = subprocess.Popen(
             ["java", "-Xss4m", "-cp", f"{jar_dir}/*", str(LAUNCHER), "127.0.0.1", str(port), self.db_file],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log_file,
@@ -126,7 +126,13 @@ class EmbeddedStore:
                 return self.uri
             time.sleep(0.1)
         self.stop()
-        tail = log_path.read_text(errors="replace")[-2000:] if log_path.exists() else ""
+        with open(log_path, "rb") as handle:  # only what this start wrote
+            handle.seek(log_start)
+            tail = handle.read().decode(errors="replace")[-2000:]
+        if "file is locked" in tail.lower():
+            raise ConfigurationError(
+                f"The store file {self.db_file} is in use by another embedded store (another `make demo`, "
+                f"`make store` or test run on the same data folder). Stop it first, or use another DATA_DIR.")
         raise ConfigurationError(f"The embedded store did not start within {timeout:.0f}s. Log tail:\n{tail}")
 
     def stop(self) -> None:
@@ -180,6 +186,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"MONGODB_URI={store.uri}  (Ctrl-C to stop)")
+
+    def _interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    import signal
+
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         while store.process and store.process.poll() is None:
             time.sleep(1)
