@@ -249,12 +249,14 @@ def _checks(db, platform_id: str, user_id) -> list[AssetCheckResult]:
     metrics = db[metrics_collection(platform_id)]
     known = {(d["account_id"], d["campaign_id"]) for d in campaigns.find({"user_id": user_id},
                                                                           {"account_id": 1, "campaign_id": 1})}
-    referenced = {(r["_id"]["a"], r["_id"]["c"]) for r in metrics.aggregate([
+    # one pass over the connection's metric rows answers both checks
+    is_negative = {"$or": [{"$lt": ["$impressions", 0]}, {"$lt": ["$clicks", 0]}, {"$lt": ["$spend", 0]}]}
+    groups = list(metrics.aggregate([
         {"$match": {"user_id": user_id}},
-        {"$group": {"_id": {"a": "$account_id", "c": "$campaign_id"}}}])}
-    orphans = referenced - known
-    negative = metrics.count_documents({"user_id": user_id, "$or": [
-        {"impressions": {"$lt": 0}}, {"clicks": {"$lt": 0}}, {"spend": {"$lt": 0}}]})
+        {"$group": {"_id": {"a": "$account_id", "c": "$campaign_id"},
+                    "negative": {"$sum": {"$cond": [is_negative, 1, 0]}}}}]))
+    orphans = {(r["_id"]["a"], r["_id"]["c"]) for r in groups} - known
+    negative = sum(int(r["negative"]) for r in groups)
     return [
         AssetCheckResult(check_name="metrics_reference_campaigns", passed=not orphans,
                          severity=AssetCheckSeverity.WARN,

@@ -125,3 +125,28 @@ def test_sync_reads_the_window_once_writes_nothing_unchanged_and_removes_unrepor
     assert db.google_campaign_metrics.count_documents({"campaign_id": "2"}) == 8
     campaign = db.google_campaigns.find_one({"campaign_id": "2"})  # totals follow the removal
     assert campaign["clicks"] == 8 * 3 and campaign["spend"].to_decimal() == Decimal("10")
+
+
+def test_checks_find_orphan_campaigns_and_negative_rows_in_one_pass(db):
+    from bson import Decimal128, ObjectId
+
+    from pipelines.assets import _checks
+
+    user, other = ObjectId(), ObjectId()
+    db.google_campaigns.insert_one({"user_id": user, "account_id": "1", "campaign_id": "a"})
+    db.google_campaign_metrics.insert_many([
+        {"user_id": user, "account_id": "1", "campaign_id": "a", "date": "2026-01-01", "impressions": 5, "clicks": 1,
+         "spend": Decimal128("1.5")},
+        {"user_id": user, "account_id": "1", "campaign_id": "a", "date": "2026-01-02", "impressions": 5, "clicks": -1,
+         "spend": Decimal128("1.5")},
+        {"user_id": user, "account_id": "1", "campaign_id": "b", "date": "2026-01-01", "impressions": 5, "clicks": 1,
+         "spend": Decimal128("-0.5")},
+        {"user_id": other, "account_id": "1", "campaign_id": "z", "date": "2026-01-01", "impressions": -5, "clicks": 1,
+         "spend": Decimal128("1")}])
+    results = {c.check_name: c for c in _checks(db, "google", user)}
+    assert not results["metrics_reference_campaigns"].passed
+    assert results["metrics_reference_campaigns"].metadata["orphan_campaigns"].value == 1
+    assert not results["metrics_non_negative"].passed
+    assert results["metrics_non_negative"].metadata["negative_rows"].value == 2
+    clean = {c.check_name: c.passed for c in _checks(db, "google", other)}
+    assert clean == {"metrics_reference_campaigns": False, "metrics_non_negative": False}
