@@ -120,7 +120,7 @@ def _add_partitions(defs, instance, platform_ids: list[str]) -> None:
     from dagster import build_sensor_context
 
     for pid in platform_ids:
-        sensor = defs.get_sensor_def(f"{pid}_connections_sensor")
+        sensor = defs.resolve_sensor_def(f"{pid}_connections_sensor")
         with build_sensor_context(instance_ref=instance.get_ref(), definitions=defs, resources={"store": defs.resources["store"]}) as ctx:
             result = sensor.evaluate_tick(ctx)
         for request in result.dynamic_partitions_requests or []:
@@ -208,9 +208,33 @@ def floor_for_connections(db, cipher, connections: list[tuple[str, str]], days: 
     return t.seconds
 
 
+def plain_sync_loop(db_name: str, connections: list[tuple[str, str]], days: int, workers: int = 2) -> float:
+    """The same work as the batch runs — ``token_materialization`` then ``campaigns_materialization`` per
+    connection (token check, sync, checks, sync record) — in plain Python threads, without Dagster.
+    Returns seconds. The difference to the Dagster wall time is Dagster's own share."""
+    import logging
+
+    from bson import ObjectId as _Oid
+
+    from pipelines.assets import campaigns_materialization, token_materialization
+    from resources.store.resource import MongoStoreResource
+
+    store = MongoStoreResource(database=db_name)
+    log = logging.getLogger("benchmarks.plain")
+
+    def one(pid: str, uid: str) -> None:
+        token_materialization(pid, store, _Oid(uid), False, log)
+        campaigns_materialization(pid, store, _Oid(uid), 0, days, log)
+
+    with Timer() as t, ThreadPoolExecutor(max_workers=workers) as pool:
+        for future in [pool.submit(one, pid, uid) for pid, uid in connections]:
+            future.result()
+    return t.seconds
+
+
 def measure_p3(platform_ids: list[str], users: int, campaigns: int, days: int, runs: int = 3,
                max_runs: int = 4, pool_limit: int = 2, batch_sizes: tuple[int, ...] = (25,),
-               budget_seconds: float | None = None) -> dict[str, Any]:
+               budget_seconds: float | None = None, plain_loop: bool = True) -> dict[str, Any]:
     """P3 for ``users`` users connected to every platform in ``platform_ids``, once per schedule mode in
     ``batch_sizes`` (``SCHEDULE_BATCH_SIZE``: 1 = one run per connection). With ``budget_seconds``,
     repetitions stop early when the next one would end past the budget (the result says how many ran)."""
@@ -242,6 +266,7 @@ def measure_p3(platform_ids: list[str], users: int, campaigns: int, days: int, r
             with_floor = True
             modes: dict[str, dict[str, Any]] = {}
             walls: dict[int, list[float]] = {size: [] for size in batch_sizes}
+            plain_times: list[float] = []
             results: dict[int, list[dict]] = {size: [] for size in batch_sizes}
             floor_times: list[float] = []
             measure_started = time.monotonic()
@@ -253,6 +278,11 @@ def measure_p3(platform_ids: list[str], users: int, campaigns: int, days: int, r
                 if with_floor:
                     floor_times.append(floor_for_connections(db, cipher, connections, days))
                     say(f"P3 floor {index + 1}/{runs}: {floor_times[-1]:.1f}s")
+                if plain_loop:
+                    for pid in platform_ids:
+                        reset_platform_data(db, pid, user_ids)
+                    plain_times.append(plain_sync_loop(db_name, connections, days))
+                    say(f"P3 same work without Dagster {index + 1}/{runs}: {plain_times[-1]:.1f}s")
                 for size in batch_sizes:
                     for pid in platform_ids:
                         reset_platform_data(db, pid, user_ids)
@@ -264,6 +294,7 @@ def measure_p3(platform_ids: list[str], users: int, campaigns: int, days: int, r
                     say(f"P3 batch size {size}, run {index + 1}/{runs}: {result['runs']} Dagster runs "
                         f"({result['failed_runs']} failed), wall {result['wall_s']:.1f}s, {result['rows']} metric rows")
             floor = median(floor_times) if floor_times else None
+            plain = median(plain_times) if plain_times else None
             for size in batch_sizes:
                 wall = median(walls[size])
                 last = results[size][-1]
@@ -271,9 +302,11 @@ def measure_p3(platform_ids: list[str], users: int, campaigns: int, days: int, r
                     "batch_size": size, "wall_s": wall, "rows": last["rows"], "dagster_runs": last["runs"],
                     "failed_runs": max(r["failed_runs"] for r in results[size]),
                     "overhead_per_connection_s": (wall - floor) / len(connections) if floor is not None else None,
+                    "dagster_share_per_connection_s": (wall - plain) / len(connections) if plain is not None else None,
                     "run_seconds_median": median([r["run_seconds_median"] for r in results[size]]),
                     "wall_runs": walls[size]}
             out.update({"floor_s": floor, "floor_runs": floor_times, "modes": modes,
+                        "without_dagster_s": plain, "without_dagster_runs": plain_times,
                         "floor": {pid: floors.floor_for(pid).kind for pid in platform_ids},
                         "settings": {"max_concurrent_runs": max_runs, "pool_default_limit": pool_limit,
                                      "floor_workers": 2}})

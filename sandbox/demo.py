@@ -267,7 +267,7 @@ def run_once(services: Services) -> int:
     failures = 0
     for pid in platform_ids:
         platform = PLATFORMS[pid]
-        sensor = defs.get_sensor_def(f"{pid}_connections_sensor")
+        sensor = defs.resolve_sensor_def(f"{pid}_connections_sensor")
         with build_sensor_context(instance_ref=instance.get_ref(), definitions=defs, resources={"store": defs.resources["store"]}) as ctx:
             result = sensor.evaluate_tick(ctx)
         for request in result.dynamic_partitions_requests or []:

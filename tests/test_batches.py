@@ -31,7 +31,7 @@ def batched(settings):
 
 
 def _schedule_requests(defs, instance, name: str):
-    schedule = defs.get_schedule_def(name)
+    schedule = defs.resolve_schedule_def(name)
     with build_schedule_context(instance=instance, resources={"store": defs.resources["store"]},
                                 repository_def=defs.get_repository_def(),
                                 scheduled_execution_time=dt.datetime(2026, 11, 30, 6, 15, tzinfo=dt.timezone.utc)) as ctx:
@@ -57,7 +57,7 @@ def test_schedules_ask_for_one_run_per_batch_and_a_batch_syncs_each_connection_p
     tick(defs, instance, "google_connections_sensor")
 
     requests = _schedule_requests(defs, instance, "google_campaign_sync_schedule")
-    assert [r.job_name or defs.get_schedule_def("google_campaign_sync_schedule").job_name for r in requests] == \
+    assert [r.job_name or defs.resolve_schedule_def("google_campaign_sync_schedule").job_name for r in requests] == \
         ["google_sync_batch_job"] * 2
     chunks = [r.run_config["ops"]["google_sync_batch"]["config"]["partition_keys"] for r in requests]
     assert [len(c) for c in chunks] == [2, 1] and sorted(sum(chunks, [])) == sorted(ids)

@@ -208,7 +208,7 @@ def test_meta_token_is_re_exchanged_expired_token_needs_reauth_and_reconnect_rep
     assert renewed["access_token"] not in connection["last_error"]
     page = walker.get(f"{portal}/connections").text
     assert "Needs reconnection" in page and "Reconnect Meta Ads" in page
-    schedule = defs.get_schedule_def("meta_campaign_sync_schedule")
+    schedule = defs.resolve_schedule_def("meta_campaign_sync_schedule")
     with build_schedule_context(instance=instance, resources={"store": defs.resources["store"]},
                                 repository_def=defs.get_repository_def(),
                                 scheduled_execution_time=dt.datetime.now(dt.timezone.utc)) as ctx:

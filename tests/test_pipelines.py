@@ -73,7 +73,7 @@ _CURSORS: dict[tuple[int, str], str | None] = {}
 
 def tick(defs: Definitions, instance: DagsterInstance, name: str):
     """Evaluate a sensor once, keep its cursor and apply its partition requests, as the daemon does."""
-    sensor = defs.get_sensor_def(name)
+    sensor = defs.resolve_sensor_def(name)
     with build_sensor_context(instance_ref=instance.get_ref(), definitions=defs, resources={"store": defs.resources["store"]},
                               cursor=_CURSORS.get((id(instance), name))) as ctx:
         result = sensor.evaluate_tick(ctx)
@@ -218,7 +218,7 @@ def test_revoked_grant_needs_reauth_without_retries_and_reconnect_syncs_again(po
     assert "needs" in page.text.lower() and "reconnect" in page.text.lower()
 
     # the schedules skip it until the user reconnects
-    schedule = defs.get_schedule_def("google_campaign_sync_schedule")
+    schedule = defs.resolve_schedule_def("google_campaign_sync_schedule")
     with build_schedule_context(instance=instance, resources={"store": defs.resources["store"]}, repository_def=defs.get_repository_def(),
                                 scheduled_execution_time=dt.datetime.now(dt.timezone.utc)) as ctx:
         data = schedule.evaluate_tick(ctx)
@@ -246,7 +246,7 @@ def test_sensor_tracks_connections_and_schedules_request_one_run_per_partition(p
     assert len({r.run_key for r in first.run_requests}) == 2
 
     for name in ("google_token_refresh_schedule", "google_campaign_sync_schedule"):
-        schedule = defs.get_schedule_def(name)
+        schedule = defs.resolve_schedule_def(name)
         with build_schedule_context(instance=instance, resources={"store": defs.resources["store"]}, repository_def=defs.get_repository_def(),
                                     scheduled_execution_time=dt.datetime(2026, 11, 30, 6, 15, tzinfo=dt.timezone.utc)) as ctx:
             data = schedule.evaluate_tick(ctx)

@@ -599,7 +599,7 @@ def test_shopify_end_to_end_through_portal_sensor_and_dagster(portal, db, shopif
 
     defs, platforms = build_definitions(MongoStoreResource(database=settings.mongodb_db))
     with instance_for_test() as instance:
-        sensor = defs.get_sensor_def("shopify_connections_sensor")
+        sensor = defs.resolve_sensor_def("shopify_connections_sensor")
         with build_sensor_context(instance_ref=instance.get_ref(), definitions=defs,
                                   resources={"store": defs.resources["store"]}) as ctx:
             tick = sensor.evaluate_tick(ctx)
