@@ -62,7 +62,7 @@ def _guard(results: dict, name: str, fn, *args, **kwargs):
     results[name]["measure_seconds"] = round(time.monotonic() - started, 1)
 
 
-def run(quick: bool) -> dict[str, Any]:
+def run(quick: bool, only: set[str] | None = None) -> dict[str, Any]:
     from benchmarks.measures import measure_p1_p4
     from benchmarks.peers import measure_p2
     from benchmarks.scale import measure_p3
@@ -79,20 +79,24 @@ def run(quick: bool) -> dict[str, Any]:
     try:
         with environment({"MONGODB_URI": uri, "DATA_DIR": str(BENCH_DIR), **OFFLINE_ENV}):
             _warm_store()
-            for pid in platforms:
+            for pid in platforms if not only or "p1" in only else []:
                 memory = plan["memory"]["days"] if pid in plan["memory"]["platforms"] else None
                 size = {"campaigns": plan["p1"]["campaigns"], "days": plan["p1"]["days"],
                         **plan["p1"].get("sizes", {}).get(pid, {})}
                 _guard(measures, f"p1_{pid}", measure_p1_p4, pid, size["campaigns"], size["days"], RUNS, memory)
-            if "meta" in platforms:
+            if only and "p2" not in only:
+                pass
+            elif "meta" in platforms:
                 p2 = plan["p2"]
                 _guard(measures, "p2", measure_p2, p2["campaigns"], p2["days"], RUNS, p2["peer_runs"])
             else:
                 measures["p2"] = {"error": "no Meta platform with a sandbox is registered"}
             p3 = plan["p3"]
+            if only and "p3" not in only:
+                return results
             _guard(measures, "p3", measure_p3, platforms, p3["users"], p3["campaigns"], p3["days"], RUNS,
                    max_runs=p3["max_runs"], batch_sizes=(p3["batch_size"],), budget_seconds=p3["budget_seconds"])
-            if p3["baseline_users"]:
+            if p3["baseline_users"] and (not only or "p3base" in only):
                 _guard(measures, "p3_per_partition", measure_p3, platforms, p3["baseline_users"], p3["campaigns"],
                        p3["days"], 1, max_runs=p3["max_runs"], batch_sizes=(1,))
     finally:
@@ -175,9 +179,10 @@ def table(results: dict[str, Any]) -> str:
             if not peer.get("ok"):
                 rows.append((f"P2 peer {name}", "meta", f"could not run here: {peer['error'][:200]}", "", "—"))
                 continue
-            agreement = "agrees on every campaign-day" if peer["agrees"] else "; ".join(peer["differences"])[:300]
-            if peer["agrees"] and peer["differences"]:
-                agreement += " (" + "; ".join(peer["differences"])[:200] + ")"
+            agreement = (f"{peer['equal']:,} campaign-days equal to ours on impressions, clicks and spend, "
+                         f"{peer['value_differences']} differ")
+            if peer["differences"]:
+                agreement += "; " + "; ".join(peer["differences"])[:400]
             rows.append((f"P2 peer {name}", "meta",
                          f"{peer['requirement']}: {peer['campaign_days']:,} campaign-days ({peer['rows_raw']:,} rows "
                          f"emitted) in {_s(peer['seconds'])} ({len(peer['runs'])} run{'s' if len(peer['runs']) != 1 else ''}) "
@@ -199,7 +204,10 @@ def table(results: dict[str, Any]) -> str:
                          f"{p3['users']} users × {len(p3['platforms'])} platforms = {p3['connections']} connections "
                          f"({p3['campaigns']} campaigns × {p3['days']} days each), SCHEDULE_BATCH_SIZE={mode['batch_size']}: "
                          f"{mode['dagster_runs']} Dagster runs, wall {_s(mode['wall_s'])}{runs_note}, {mode['rows']:,} "
-                         f"metric rows; floor {_s(p3['floor_s'])} → **{over:.2f} s overhead per connection**",
+                         f"metric rows; floor {_s(p3['floor_s'])} → **{over:.2f} s overhead per connection**"
+                         + (f"; the same work without Dagster (same functions, 2 threads) {_s(p3['without_dagster_s'])} → "
+                            f"Dagster's own share {mode['dagster_share_per_connection_s']:.2f} s per connection"
+                            if mode.get("dagster_share_per_connection_s") is not None else ""),
                          "≤ 1 s", _met(over <= TARGETS["p3"]) if key == "p3" else "—"))
     widths = [max(len(str(r[i])) for r in rows) for i in range(5)]
     lines = ["| " + " | ".join(str(c) for c in rows[0]) + " |", "|" + "|".join("---" for _ in widths) + "|"]
@@ -219,12 +227,26 @@ def facts_line(results: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes (under three minutes)")
+    parser.add_argument("--only", default="", help="comma-separated measures to run (p1,p2,p3,p3base); the others are "
+                                                   "taken from data/bench/latest.json and marked as such")
+    parser.add_argument("--table", action="store_true", help="only print the table of data/bench/latest.json")
     parser.add_argument("--commit-copy", action="store_true",
                         help="also write benchmarks/results/latest.json and latest.md")
     args = parser.parse_args(argv)
+    if args.table:
+        print(table(json.loads((BENCH_DIR / "latest.json").read_text())))
+        return 0
     started = time.monotonic()
-    results = run(args.quick)
+    only = {x.strip() for x in args.only.split(",") if x.strip()} or None
+    results = run(args.quick, only)
     results["total_seconds"] = round(time.monotonic() - started, 1)
+    if only and (BENCH_DIR / "latest.json").exists():
+        previous = json.loads((BENCH_DIR / "latest.json").read_text())
+        for name, value in previous.get("measures", {}).items():
+            if name not in results["measures"]:
+                value["from_run_started_at"] = value.get("from_run_started_at") or previous.get("started_at")
+                results["measures"][name] = value
+        results["merged_from"] = previous.get("started_at")
     text = table(results)
     BENCH_DIR.mkdir(parents=True, exist_ok=True)
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
@@ -233,6 +255,9 @@ def main(argv: list[str] | None = None) -> int:
         path.write_text(body)
     note = ("\nQuick mode: small sizes, where fixed per-run costs (Dagster run, token check) dominate; the "
             "targets are for the full sizes (`make bench`).\n" if args.quick else "")
+    if results.get("merged_from"):
+        note += (f"\nMeasures not re-run this time ({', '.join(sorted(set(results['measures']) - set(only or ())))}"
+                 f") come from the run started {results['merged_from'][:16]}Z, same code for them.\n")
     md = f"{text}\n{note}\n{facts_line(results)}; {results['total_seconds']:.0f} s in all.\n"
     (BENCH_DIR / "latest.md").write_text(md)
     if args.commit_copy:
