@@ -32,12 +32,12 @@ PLANS = {
                                                                  "platforms": ["google", "meta"]},
              "p2": {"campaigns": 100, "days": 30, "peer_runs": RUNS},
              "p3": {"users": 100, "campaigns": 50, "days": 30, "batch_size": 25, "max_runs": 4,
-                    "baseline_users": 10, "budget_seconds": 1200}},
-    "quick": {"p1": {"campaigns": 60, "days": 30, "sizes": {"shopify": {"campaigns": 20, "days": 14}}}, "memory": {"campaigns": 40, "days": (30, 300),
+                    "baseline_users": 10, "budget_seconds": 1200, "plain_loop": True}},
+    "quick": {"p1": {"campaigns": 40, "days": 21, "sizes": {"shopify": {"campaigns": 20, "days": 14}}}, "memory": {"campaigns": 40, "days": (30, 300),
                                                                  "platforms": ["google"]},
               "p2": {"campaigns": 40, "days": 7, "peer_runs": 1},
               "p3": {"users": 6, "campaigns": 20, "days": 14, "batch_size": 25, "max_runs": 4,
-                     "baseline_users": 0, "budget_seconds": None}},
+                     "baseline_users": 0, "budget_seconds": None, "plain_loop": False}},
 }
 
 TARGETS = {"p1": 1.5, "p4": 1.1, "p2": 3.0, "p3": 1.0, "memory": 1.5}
@@ -95,10 +95,11 @@ def run(quick: bool, only: set[str] | None = None) -> dict[str, Any]:
             if only and "p3" not in only:
                 return results
             _guard(measures, "p3", measure_p3, platforms, p3["users"], p3["campaigns"], p3["days"], RUNS,
-                   max_runs=p3["max_runs"], batch_sizes=(p3["batch_size"],), budget_seconds=p3["budget_seconds"])
+                   max_runs=p3["max_runs"], batch_sizes=(p3["batch_size"],), budget_seconds=p3["budget_seconds"],
+                   plain_loop=p3["plain_loop"])
             if p3["baseline_users"] and (not only or "p3base" in only):
                 _guard(measures, "p3_per_partition", measure_p3, platforms, p3["baseline_users"], p3["campaigns"],
-                       p3["days"], 1, max_runs=p3["max_runs"], batch_sizes=(1,))
+                       p3["days"], 1, max_runs=p3["max_runs"], batch_sizes=(1,), plain_loop=False)
     finally:
         store.stop()
         clean_dagster_dirs()
