@@ -250,7 +250,8 @@ def _checks(db, platform_id: str, user_id) -> list[AssetCheckResult]:
     known = {(d["account_id"], d["campaign_id"]) for d in campaigns.find({"user_id": user_id},
                                                                           {"account_id": 1, "campaign_id": 1})}
     # one pass over the connection's metric rows answers both checks
-    is_negative = {"$or": [{"$lt": ["$impressions", 0]}, {"$lt": ["$clicks", 0]}, {"$lt": ["$spend", 0]}]}
+    # a missing field (e.g. shops have no spend per day) is not negative: BSON orders null below numbers
+    is_negative = {"$or": [{"$lt": [{"$ifNull": [f"${field}", 0]}, 0]} for field in ("impressions", "clicks", "spend")]}
     groups = list(metrics.aggregate([
         {"$match": {"user_id": user_id}},
         {"$group": {"_id": {"a": "$account_id", "c": "$campaign_id"},

@@ -150,3 +150,10 @@ def test_checks_find_orphan_campaigns_and_negative_rows_in_one_pass(db):
     assert results["metrics_non_negative"].metadata["negative_rows"].value == 2
     clean = {c.check_name: c.passed for c in _checks(db, "google", other)}
     assert clean == {"metrics_reference_campaigns": False, "metrics_non_negative": False}
+    # shops have no spend per day: a missing field is not negative
+    shop = ObjectId()
+    db.google_campaigns.insert_one({"user_id": shop, "account_id": "s", "campaign_id": "u"})
+    db.google_campaign_metrics.insert_one({"user_id": shop, "account_id": "s", "campaign_id": "u",
+                                           "date": "2026-01-01", "orders": 3})
+    assert {c.check_name: c.passed for c in _checks(db, "google", shop)} == {
+        "metrics_reference_campaigns": True, "metrics_non_negative": True}
