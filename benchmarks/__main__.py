@@ -33,7 +33,7 @@ PLANS = {
              "p2": {"campaigns": 100, "days": 30, "peer_runs": RUNS},
              "p3": {"users": 100, "campaigns": 50, "days": 30, "batch_size": 25, "max_runs": 4,
                     "baseline_users": 10, "budget_seconds": 1200, "plain_loop": True}},
-    "quick": {"p1": {"campaigns": 40, "days": 21, "sizes": {"shopify": {"campaigns": 20, "days": 14}}}, "memory": {"campaigns": 40, "days": (30, 300),
+    "quick": {"p1": {"campaigns": 40, "days": 14, "sizes": {"shopify": {"campaigns": 20, "days": 14}}}, "memory": {"campaigns": 40, "days": (14, 140),
                                                                  "platforms": ["google"]},
               "p2": {"campaigns": 40, "days": 7, "peer_runs": 1},
               "p3": {"users": 6, "campaigns": 20, "days": 14, "batch_size": 25, "max_runs": 4,
