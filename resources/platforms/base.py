@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 from decimal import Decimal
-from typing import Any, ClassVar, Iterable, Iterator
+from typing import Any, Callable, ClassVar, Iterable, Iterator
 
 
 class PlatformError(RuntimeError):
@@ -55,6 +55,43 @@ class RateLimited(PlatformError):
 
 class OAuthCallbackError(PlatformError):
     """The OAuth callback is invalid (bad state/HMAC/shop, provider error): answer 400."""
+
+
+def exchange_callback_code(oauth_client, request, *, platform: str, denied: str,
+                           rejected: Callable[[Any], str]) -> dict[str, Any]:
+    """The token of an OAuth callback (authlib checks state and sends the PKCE verifier).
+
+    ``platform`` names the provider in messages, ``denied`` is the message for ``error=access_denied``
+    and ``rejected(exc.error)`` the message for a code the token endpoint refused.
+
+    Raises:
+        OAuthCallbackError: provider ``error=`` callback, no code, forged/missing state, rejected code,
+            an unreachable token endpoint, or a token answer without an access token.
+    """
+    from authlib.integrations.base_client.errors import MismatchingStateError, OAuthError
+
+    error = request.args.get("error")
+    if error:
+        if error == "access_denied":
+            raise OAuthCallbackError(denied)
+        raise OAuthCallbackError(f"{platform} returned an error: {error[:100]}")
+    if not request.args.get("code"):
+        raise OAuthCallbackError(f"The {platform} callback has no authorization code.")
+    try:
+        token = oauth_client.authorize_access_token()
+    except MismatchingStateError:
+        raise OAuthCallbackError("The OAuth state does not match this session (forged or stale callback); "
+                                 "start the connection again.") from None
+    except OAuthError as exc:
+        raise OAuthCallbackError(rejected(exc.error)) from None
+    except Exception as exc:
+        import requests
+        if isinstance(exc, requests.RequestException):
+            raise OAuthCallbackError(f"{platform}'s token endpoint could not be reached; try again.") from None
+        raise
+    if not token or not token.get("access_token"):
+        raise OAuthCallbackError(f"{platform}'s token answer has no access token.")
+    return token
 
 
 @dataclasses.dataclass(frozen=True)

@@ -51,6 +51,7 @@ from resources.platforms.base import (
     RateLimited,
     ReauthRequired,
     TransientPlatformError,
+    exchange_callback_code,
     micros_to_decimal,
 )
 
@@ -326,29 +327,10 @@ class GoogleAdsConnector(Connector):
             OAuthCallbackError: provider ``error=`` callback, forged/missing state, bad/replayed code,
                 missing refresh token, or an unreachable token endpoint.
         """
-        from authlib.integrations.base_client.errors import MismatchingStateError, OAuthError
-
-        error = request.args.get("error")
-        if error:
-            if error == "access_denied":
-                raise OAuthCallbackError("Google access was denied (the consent screen was cancelled).")
-            raise OAuthCallbackError(f"Google returned an error: {error[:100]}")
-        if not request.args.get("code"):
-            raise OAuthCallbackError("The Google callback has no authorization code.")
-        try:
-            token = oauth_client.authorize_access_token()
-        except MismatchingStateError:
-            raise OAuthCallbackError("The OAuth state does not match this session (forged or stale callback); "
-                                     "start the connection again.") from None
-        except OAuthError as exc:
-            raise OAuthCallbackError(f"Google rejected the authorization code: {exc.error}") from None
-        except Exception as exc:
-            import requests
-            if isinstance(exc, requests.RequestException):
-                raise OAuthCallbackError("Google's token endpoint could not be reached; try again.") from None
-            raise
-        if not token or not token.get("access_token"):
-            raise OAuthCallbackError("Google's token answer has no access token.")
+        token = exchange_callback_code(
+            oauth_client, request, platform="Google",
+            denied="Google access was denied (the consent screen was cancelled).",
+            rejected=lambda error: f"Google rejected the authorization code: {error}")
         normalised = _normalise_token(dict(token))
         if not normalised.get("refresh_token"):
             raise OAuthCallbackError("Google did not return a refresh token (offline access was not granted).")

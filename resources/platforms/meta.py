@@ -63,6 +63,7 @@ from resources.platforms.base import (
     RateLimited,
     ReauthRequired,
     TransientPlatformError,
+    exchange_callback_code,
     minor_units_to_decimal,
 )
 from resources.settings import _env_files
@@ -173,6 +174,13 @@ def _graph_error_fields(error: Any) -> tuple[int | None, int | None, str]:
     return None, None, str(error or "")[:200]
 
 
+def _rejected_code_message(error: Any) -> str:
+    """The message for an authorization code the Graph token endpoint refused."""
+    code, subcode, message = _graph_error_fields(error)
+    return (f"Meta rejected the authorization code (code {code}"
+            f"{'/' + str(subcode) if subcode else ''}: {message}).")
+
+
 def _token_endpoint_error(exc: Exception, what: str) -> PlatformError:
     """Map an authlib/requests failure of the Graph token endpoint to a connector error."""
     import requests
@@ -254,31 +262,10 @@ class MetaAdsConnector(Connector):
                 state, invalid/used code, redirect URI mismatch.
             PlatformError: the token endpoint failed (the portal answers 502).
         """
-        from authlib.integrations.base_client.errors import MismatchingStateError, OAuthError
-
-        error = request.args.get("error")
-        if error:
-            if error == "access_denied":
-                raise OAuthCallbackError("Meta access was denied (the login dialog was cancelled).")
-            raise OAuthCallbackError(f"Meta returned an error: {error[:100]}")
-        if not request.args.get("code"):
-            raise OAuthCallbackError("The Meta callback has no authorization code.")
-        try:
-            short = oauth_client.authorize_access_token()
-        except MismatchingStateError:
-            raise OAuthCallbackError("The OAuth state does not match this session (forged or stale callback); "
-                                     "start the connection again.") from None
-        except OAuthError as exc:
-            code, subcode, message = _graph_error_fields(exc.error)
-            raise OAuthCallbackError(f"Meta rejected the authorization code (code {code}"
-                                     f"{'/' + str(subcode) if subcode else ''}: {message}).") from None
-        except Exception as exc:
-            import requests
-            if isinstance(exc, requests.RequestException):
-                raise OAuthCallbackError("Meta's token endpoint could not be reached; try again.") from None
-            raise
-        if not short or not short.get("access_token"):
-            raise OAuthCallbackError("Meta's token answer has no access token.")
+        short = exchange_callback_code(
+            oauth_client, request, platform="Meta",
+            denied="Meta access was denied (the login dialog was cancelled).",
+            rejected=_rejected_code_message)
         try:
             return self.exchange_long_lived(short["access_token"])
         except ReauthRequired as exc:
