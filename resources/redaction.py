@@ -13,11 +13,14 @@ import re
 SENSITIVE_PARAMS = ("code", "state", "hmac", "access_token", "refresh_token", "client_secret",
                     "fb_exchange_token", "appsecret_proof", "password", "input_token")
 _PATTERN = re.compile(r"(?i)([?&](?:%s)=)[^&\s\"']+" % "|".join(SENSITIVE_PARAMS))
+#: document fields masked in logged JSON (pymongo's DEBUG command log prints whole documents)
+SENSITIVE_FIELDS = ("password_hash", "token", "access_token", "refresh_token", "client_secret")
+_FIELD_PATTERN = re.compile(r'(\\?"(?:[\w.]*\.)?(?:%s)\\?"\s*:\s*\\?")[^"\\]+' % "|".join(SENSITIVE_FIELDS))
 
 
 def redact(text: str) -> str:
-    """``text`` with the values of sensitive query parameters replaced by ``***``."""
-    return _PATTERN.sub(r"\1***", text)
+    """``text`` with the values of sensitive query parameters and JSON fields replaced by ``***``."""
+    return _FIELD_PATTERN.sub(r"\1***", _PATTERN.sub(r"\1***", text))
 
 
 class RedactingFilter(logging.Filter):

@@ -13,3 +13,14 @@ def test_redacting_filter_masks_oauth_parameters(caplog):
     text = caplog.text
     assert "SECRETCODE" not in text and "STATE123" not in text and "sssh" not in text and "REFRESH" not in text
     assert "code=***" in text and "scope=x" in text and "grant_type=refresh_token" in text
+
+
+def test_document_fields_are_masked_in_logged_json():
+    line = ('{"command": "{\\"insert\\": \\"users\\", \\"documents\\": [{\\"email\\": \\"a@b.c\\", '
+            '\\"password_hash\\": \\"$2b$12$SECRETHASH\\", \\"oauth\\": {\\"google\\": '
+            '{\\"token\\": \\"gAAAAFERNET\\"}}}]}"}')
+    cleaned = redaction.redact(line)
+    assert "SECRETHASH" not in cleaned and "gAAAAFERNET" not in cleaned
+    assert "a@b.c" in cleaned and "password_hash" in cleaned
+    dotted = redaction.redact('{\\"$set\\": {\\"oauth.google.token\\": \\"gAAAAROTATED\\"}}')
+    assert "gAAAAROTATED" not in dotted

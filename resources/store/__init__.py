@@ -50,6 +50,9 @@ def get_client(uri: str) -> MongoClient:
             except (InvalidURI, MongoURIError, ValueError) as exc:
                 raise ConfigurationError(f"MONGODB_URI is not a valid MongoDB connection string: {exc}") from None
             _clients[uri] = client
+            from resources import redaction
+
+            redaction.install("pymongo.command")  # its DEBUG log prints whole documents
         return client
 
 
