@@ -252,6 +252,17 @@ class ConnectorSession:
         """Release SDK resources (channels, sessions)."""
 
 
+def settings_config(env_prefix: str):
+    """The ``model_config`` of a connector's settings class: ``<env_prefix>*`` variables, the project's
+    env files, unknown keys ignored."""
+    from pydantic_settings import SettingsConfigDict
+
+    from resources.settings import _env_files
+
+    return SettingsConfigDict(env_prefix=env_prefix, env_file=_env_files(), env_file_encoding="utf-8",
+                              extra="ignore")
+
+
 def micros_to_decimal(micros: int | None) -> Decimal | None:
     """Google-style micros (1,000,000 = one currency unit) to an exact Decimal in currency units."""
     if micros is None:

@@ -38,9 +38,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, Iterator
 
-from pydantic_settings import BaseSettings, SettingsConfigDict
-
-from resources.settings import _env_files
+from pydantic_settings import BaseSettings
 
 from resources.platforms.base import (
     Account,
@@ -53,6 +51,7 @@ from resources.platforms.base import (
     TransientPlatformError,
     exchange_callback_code,
     micros_to_decimal,
+    settings_config,
 )
 
 log = logging.getLogger(__name__)
@@ -102,8 +101,7 @@ class GoogleAdsSettings(BaseSettings):
         api_version: Google Ads API version (``v26``).
     """
 
-    model_config = SettingsConfigDict(env_prefix="GOOGLE_", env_file=_env_files(), env_file_encoding="utf-8",
-                                      extra="ignore")
+    model_config = settings_config("GOOGLE_")
 
     client_id: str = ""
     client_secret: str = ""

@@ -51,7 +51,7 @@ import time
 from decimal import Decimal, InvalidOperation
 from typing import Any, Callable, Iterator
 
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings
 
 from resources import redaction
 from resources.platforms.base import (
@@ -65,8 +65,8 @@ from resources.platforms.base import (
     TransientPlatformError,
     exchange_callback_code,
     minor_units_to_decimal,
+    settings_config,
 )
-from resources.settings import _env_files
 
 log = logging.getLogger(__name__)
 # the SDK sends access_token/appsecret_proof as query parameters; urllib3 logs URLs at DEBUG
@@ -127,8 +127,7 @@ class MetaAdsSettings(BaseSettings):
         http_timeout_seconds: per-request timeout.
     """
 
-    model_config = SettingsConfigDict(env_prefix="META_", env_file=_env_files(), env_file_encoding="utf-8",
-                                      extra="ignore")
+    model_config = settings_config("META_")
 
     app_id: str = ""
     app_secret: str = ""

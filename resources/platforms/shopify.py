@@ -77,7 +77,7 @@ from typing import Any, Callable, Iterator
 from zoneinfo import ZoneInfo
 
 from pydantic import field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings
 
 from resources.platforms.base import (
     Account,
@@ -88,8 +88,8 @@ from resources.platforms.base import (
     RateLimited,
     ReauthRequired,
     TransientPlatformError,
+    settings_config,
 )
-from resources.settings import _env_files
 
 log = logging.getLogger(__name__)
 
@@ -167,8 +167,7 @@ class ShopifySettings(BaseSettings):
         orders_page_size, activities_page_size: connection page sizes (query cost ≤ 1000 points).
     """
 
-    model_config = SettingsConfigDict(env_prefix="SHOPIFY_", env_file=_env_files(), env_file_encoding="utf-8",
-                                      extra="ignore")
+    model_config = settings_config("SHOPIFY_")
 
     api_key: str = ""
     api_secret: str = ""
