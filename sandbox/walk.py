@@ -12,6 +12,10 @@ from urllib.parse import urljoin
 
 import requests
 
+from resources import redaction
+
+redaction.install("urllib3.connectionpool")  # its DEBUG log prints callback URLs with codes
+
 
 @dataclasses.dataclass
 class Form:
