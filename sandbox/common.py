@@ -29,6 +29,7 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 CERT_FILE = "sandbox-cert.pem"
 
@@ -216,3 +217,20 @@ def write_state_file(path: Path | None, state: dict) -> None:
     with os.fdopen(fd, "w") as handle:
         json.dump(state, handle)
     os.replace(tmp, path)
+
+
+def redirect_allowed(allowed, redirect_uri: str) -> bool:
+    """Whether an OAuth client may be sent to ``redirect_uri``: one of ``allowed`` when the client
+    registered any, otherwise any loopback http(s) URI without a fragment."""
+    if allowed:
+        return redirect_uri in allowed
+    parts = urlsplit(redirect_uri)
+    return parts.scheme in ("http", "https") and parts.hostname in ("127.0.0.1", "localhost", "::1") \
+        and not parts.fragment
+
+
+def request_body() -> dict:
+    """The JSON or form body of an admin-knob request (``{}`` when empty)."""
+    from flask import request
+
+    return request.get_json(silent=True) or request.form.to_dict() or {}

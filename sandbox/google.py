@@ -54,7 +54,8 @@ from urllib.parse import urlencode, urlsplit
 from flask import Blueprint, Response, jsonify, redirect, request
 
 from resources.platforms.base import batched
-from sandbox.common import SHARED_CAMPAIGN_NAMES, FaultInjector, digest_units, seeded_random, stable_int, read_state_file, write_state_file
+from sandbox.common import (SHARED_CAMPAIGN_NAMES, FaultInjector, digest_units, read_state_file, redirect_allowed,
+                            request_body, seeded_random, stable_int, write_state_file)
 
 log = logging.getLogger(__name__)
 
@@ -406,12 +407,7 @@ class GoogleOAuthServer:
 
     # ---- validation helpers --------------------------------------------------------------------
     def _redirect_allowed(self, client: dict, redirect_uri: str) -> bool:
-        allowed = client.get("redirect_uris")
-        if allowed:
-            return redirect_uri in allowed
-        parts = urlsplit(redirect_uri)
-        return parts.scheme in ("http", "https") and parts.hostname in ("127.0.0.1", "localhost", "::1") \
-            and not parts.fragment
+        return redirect_allowed(client.get("redirect_uris"), redirect_uri)
 
     def _authenticate_client(self, form: dict, auth_header: str | None) -> str:
         client_id = form.get("client_id")
@@ -1470,8 +1466,7 @@ class GoogleSandbox:
     def _admin_blueprint(self) -> Blueprint:
         bp = Blueprint("google_sandbox_admin", __name__, url_prefix="/_sandbox/google")
 
-        def body() -> dict:
-            return request.get_json(silent=True) or request.form.to_dict() or {}
+        body = request_body
 
         @bp.post("/revoke")
         def revoke():

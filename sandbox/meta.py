@@ -84,8 +84,8 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from flask import Blueprint, Response, jsonify, redirect, request
 
-from sandbox.common import (SHARED_CAMPAIGN_NAMES, FaultInjector, digest_units, read_state_file, seeded_random,
-                            stable_int, write_state_file)
+from sandbox.common import (SHARED_CAMPAIGN_NAMES, FaultInjector, digest_units, read_state_file, redirect_allowed,
+                            request_body, seeded_random, stable_int, write_state_file)
 
 log = logging.getLogger(__name__)
 
@@ -1656,17 +1656,12 @@ class MetaSandbox:
         return bp
 
     def _redirect_allowed(self, redirect_uri: str) -> bool:
-        if self.redirect_uris:
-            return redirect_uri in self.redirect_uris
-        parts = urlsplit(redirect_uri)
-        return parts.scheme in ("http", "https") and parts.hostname in ("127.0.0.1", "localhost", "::1") \
-            and not parts.fragment
+        return redirect_allowed(self.redirect_uris, redirect_uri)
 
     def _admin_blueprint(self) -> Blueprint:
         bp = Blueprint("meta_sandbox_admin", __name__, url_prefix="/_sandbox/meta")
 
-        def body() -> dict:
-            return request.get_json(silent=True) or request.form.to_dict() or {}
+        body = request_body
 
         @bp.post("/expire-tokens")
         def expire_tokens():

@@ -75,8 +75,8 @@ from urllib.parse import urlencode, urlsplit
 
 from flask import Blueprint, Response, jsonify, redirect, request
 
-from sandbox.common import (SHARED_CAMPAIGN_NAMES, FaultInjector, digest_units, read_state_file, seeded_random,
-                            stable_int, write_state_file)
+from sandbox.common import (SHARED_CAMPAIGN_NAMES, FaultInjector, digest_units, read_state_file, redirect_allowed,
+                            request_body, seeded_random, stable_int, write_state_file)
 
 log = logging.getLogger(__name__)
 
@@ -611,12 +611,7 @@ class ShopifyOAuthServer:
 
     # ---- helpers -------------------------------------------------------------------------------
     def _redirect_allowed(self, client: dict, redirect_uri: str) -> bool:
-        allowed = client.get("redirect_uris")
-        if allowed:
-            return redirect_uri in allowed
-        parts = urlsplit(redirect_uri)
-        return parts.scheme in ("http", "https") and parts.hostname in ("127.0.0.1", "localhost", "::1") \
-            and not parts.fragment
+        return redirect_allowed(client.get("redirect_uris"), redirect_uri)
 
     def signed_callback(self, redirect_uri: str, shop: str, client_id: str, params: dict[str, str]) -> str:
         """``redirect_uri`` with ``params`` plus ``host``, ``shop``, ``timestamp`` and their ``hmac``."""
@@ -1575,8 +1570,7 @@ class ShopifySandbox:
     def _admin_blueprint(self) -> Blueprint:
         bp = Blueprint("shopify_sandbox_admin", __name__, url_prefix="/_sandbox/shopify")
 
-        def body() -> dict:
-            return request.get_json(silent=True) or request.form.to_dict() or {}
+        body = request_body
 
         @bp.post("/faults")
         def faults():
