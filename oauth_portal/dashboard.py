@@ -7,8 +7,8 @@ added across currencies. Pagination is server-side.
 
 Query parameters of ``/dashboard`` (all optional, validated; bad values answer 400):
 ``platform``, ``status``, ``start``/``end`` (``YYYY-MM-DD``, account-local dates), ``sort`` (a column
-of ``reporting.SORT_COLUMNS``), ``dir`` (``asc``/``desc``), ``page``, and ``chart_platform`` +
-``chart_account`` + ``chart_campaign`` to draw one campaign's chart.
+of ``reporting.SORT_COLUMNS``; a money column sorts by currency, then amount), ``dir`` (``asc``/``desc``),
+``page``, and ``chart_platform`` + ``chart_account`` + ``chart_campaign`` to draw one campaign's chart.
 """
 from __future__ import annotations
 
@@ -167,6 +167,7 @@ def dashboard():
         "dashboard.html", report=report, rows=report.rows, total=report.total, page=report.page,
         pages=report.pages, page_url=page_url, sort_url=sort_url, range_url=range_url, chart_url=chart_url,
         sort=sort, direction=direction, columns=reporting.SORT_COLUMNS, totals=report.totals,
+        money_sort=sort in reporting.MONEY_COLUMNS,
         platforms=platforms, statuses=report.statuses, filter_platform=platform, filter_status=status or "",
         start=start, end=end, syncs=syncs, any_pending=any(v["pending"] for v in syncs.values()),
         chart=chart, format_money=format_money, format_ratio=format_ratio,

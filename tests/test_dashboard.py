@@ -81,8 +81,9 @@ def test_columns_totals_sorting_and_filters(portal, db):
 
     page = portal.get("/dashboard").text
     assert "4 campaigns" in page and "Campaign z000" not in page and "USD" not in page
-    # default: spend, largest first (numbers compared within the column; the JPY row has 2,500)
-    assert campaign_names(page) == ["Gamma Tokyo", "Alpha brand", "Delta kept", "beta search"]
+    # default: spend, largest first — by currency first (EUR, then JPY), so 2,500 JPY is not above 20 EUR
+    assert campaign_names(page) == ["Alpha brand", "Delta kept", "beta search", "Gamma Tokyo"]
+    assert "Sorted by currency (A–Z), then by spend within each currency, largest first" in page
     row = re.search(r'<tr data-campaign="e1".*?</tr>', page, re.S)[0]
     assert "Fake Shop EU" in row and "Fake Ads" in row and "ENABLED" in row
     assert "50.00" in row and "daily" in row  # budget
@@ -120,6 +121,59 @@ def test_columns_totals_sorting_and_filters(portal, db):
     for bad in ("sort=password_hash", "dir=sideways", "page=-x", "start=2026-13-01"):
         assert portal.get(f"/dashboard?{bad}").status_code == 400, bad
     assert "<script>" not in page and " style=" not in page  # the CSP allows neither
+
+
+def test_money_columns_sort_by_currency_then_amount(make_portal, db):
+    """1,000 JPY is not "more" than 500 USD: money columns group by currency, then order the amounts;
+    the order holds across pages and the page says what it means."""
+    portal = make_portal({"DASHBOARD_PAGE_SIZE": 3})
+    portal.signup("ann@example.com")
+    connect_fake(portal)
+    user_id = db.users.find_one({})["_id"]
+    fake = CampaignRepository(db, "fake")
+    spec = [  # (campaign id, name, currency, budget, spend on one day in range, clicks)
+        ("u1", "USD big", "USD", Decimal("900.00"), Decimal("500.00"), 100),
+        ("u2", "USD small", "USD", None, Decimal("20.00"), 4),
+        ("j1", "JPY big", "JPY", Decimal("50000"), Decimal("1000"), 10),
+        ("j2", "JPY small", "JPY", Decimal("300"), Decimal("30"), 0),
+        ("e1", "EUR mid", "EUR", Decimal("70.00"), Decimal("60.00"), 30),
+    ]
+    account = {"USD": "1001", "JPY": "1002", "EUR": "1003"}
+    fake.upsert_campaigns(user_id, [
+        {"account_id": account[cur], "campaign_id": cid, "name": name, "status": "ENABLED", "currency": cur,
+         "budget": budget, "budget_period": "DAILY" if budget is not None else None}
+        for cid, name, cur, budget, _, _ in spec])
+    fake.upsert_metrics(user_id, [
+        {"account_id": account[cur], "campaign_id": cid, "date": day(1), "impressions": 1000, "clicks": clicks,
+         "spend": spend, "currency": cur} for cid, _, cur, _, spend, clicks in spec])
+
+    def order(query: str) -> list[str]:
+        names = []
+        for number in (1, 2):
+            names += campaign_names(portal.get(f"/dashboard?{query}&page={number}").text)
+        return names
+
+    # the raw numbers would give JPY big (1000), USD big (500), EUR mid (60), JPY small (30), USD small (20)
+    assert order("sort=spend&dir=desc") == ["EUR mid", "JPY big", "JPY small", "USD big", "USD small"]
+    assert order("sort=spend&dir=asc") == ["EUR mid", "JPY small", "JPY big", "USD small", "USD big"]
+    assert order("sort=budget&dir=desc") == ["EUR mid", "JPY big", "JPY small", "USD big", "USD small"]  # no budget: last
+    assert order("sort=budget&dir=asc") == ["EUR mid", "JPY small", "JPY big", "USD big", "USD small"]
+    # CPC: EUR 2.00; JPY 100 (JPY small has no clicks: last); USD 5.00 and 5.00 (tie: account, name)
+    assert order("sort=cpc&dir=desc") == ["EUR mid", "JPY big", "USD big", "USD small", "JPY small"]
+    # columns without money still compare across currencies
+    assert order("sort=clicks&dir=desc") == ["USD big", "EUR mid", "JPY big", "USD small", "JPY small"]
+
+    first = portal.get("/dashboard?sort=spend&dir=desc").text
+    assert 'id="sort-note"' in first
+    assert ("Sorted by currency (A–Z), then by spend within each currency, largest first: "
+            "amounts in different currencies are not compared.") in first
+    # each currency's first row (after the first) is marked, so the groups are visible
+    assert re.findall(r'<tr data-campaign="(\w+)"[^>]*class="currency-start"', first) == ["j1"]
+    asc_budget = portal.get("/dashboard?sort=budget&dir=asc").text
+    assert "then by budget within each currency, smallest first" in asc_budget
+    assert "Campaigns without a budget come last." in asc_budget
+    assert "Campaigns without a CPC come last." in portal.get("/dashboard?sort=cpc&dir=desc").text
+    assert 'id="sort-note"' not in portal.get("/dashboard?sort=clicks&dir=desc").text
 
 
 def test_chart_of_one_campaign(portal, db):
