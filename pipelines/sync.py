@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import itertools
 import logging
 import time
-from typing import Any, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Iterable
 from zoneinfo import ZoneInfo
 
 from bson import ObjectId
@@ -21,6 +23,7 @@ from resources.platforms.base import (Account, Connector, PlatformError, RateLim
                                       batched)
 from resources.repositories import (NEEDS_REAUTH, CampaignRepository, UpsertResult, UserRepository,
                                     utcnow)
+from resources.sync_state import AccountState, DayDigests
 
 log = logging.getLogger(__name__)
 
@@ -161,9 +164,12 @@ def sync_connection(db: Database, cipher: TokenCipher, connector: Connector, use
 
     The first sync of a connection (no ``sync.last_success_at`` since it was connected) reads
     ``history_days``; later syncs re-read the last ``lookback_days`` (restated days overwrite).
-    Metrics stream in batches of ``batch_size`` documents (the stored rows of the window are read once
-    up front to compare against); campaign documents carry totals over every
-    stored day (``impressions``, ``clicks``, ``spend`` in currency units, ``totals_from``/``totals_to``).
+    Days whose rows are unchanged since the last sync are recognised by their day digests
+    (``resources.sync_state``) and neither read from nor written to the store; other days are compared
+    row by row against the stored content hashes and only changed rows are written (see
+    ``_load_metrics``; a first sync streams in batches of ``batch_size`` documents). Campaign documents
+    carry totals over every stored day (``impressions``, ``clicks``, ``spend`` in currency units,
+    ``totals_from``/``totals_to``), summed again only when metric rows changed.
 
     Raises:
         NotConnected, ConnectionNeedsReauth: nothing to do / must reconnect first.
@@ -187,40 +193,40 @@ def sync_connection(db: Database, cipher: TokenCipher, connector: Connector, use
     outcomes: list[AccountOutcome] = []
     deferred: list[RateLimited] = []
     session = connector.open_session(token)
+    reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-read")
     try:
         accounts = [Account.from_doc(a) for a in connection.get("accounts", [])]
         syncable = [a for a in accounts if session.syncable(a)]
+        states = repo.states.get_all(user_id, connector.id)
         for index, account in enumerate(syncable, 1):
             try:
                 start, end = sync_window(account, days, now)
                 synced_at = utcnow()
-                metrics_result, metric_rows = UpsertResult(), 0
-                # What the store holds for the window, read once (no lookup per batch); it is empty on a
-                # first sync, so memory never grows with the history read, only with what was stored.
-                stored = repo.metric_hashes(user_id, account.id, start.isoformat(), end.isoformat())
-                for batch in batched(session.fetch_daily_metrics(account, start, end), batch_size):
-                    metrics_result += repo.upsert_metrics(user_id, batch, synced_at, known=stored)
-                    metric_rows += len(batch)
-                    for m in batch:
-                        stored.pop((user_id, m["account_id"], m["campaign_id"], m["date"]), None)
-                # A restated day the platform no longer reports (e.g. activity reversed to zero) must not
-                # linger: stored rows of the window that were not returned are removed.
-                deleted = repo.delete_metrics(stored) if stored else 0
-                del stored
-                totals = _campaign_totals(repo, user_id, account.id)
+                # read while the platform's rows stream in (the store answers from another process)
+                stored_campaigns = reader.submit(repo.stored_campaigns, user_id, account.id)
+                load = _load_metrics(repo, user_id, account, session.fetch_daily_metrics(account, start, end),
+                                     start, end, synced_at, batch_size, states.get(account.id))
+                stored_totals, campaign_hashes = stored_campaigns.result()
+                # unchanged rows leave the stored totals right; otherwise they are summed again
+                totals = _campaign_totals(repo, user_id, account.id) if load.changed else stored_totals
                 campaign_docs = []
                 for doc in session.fetch_campaigns(account):
                     doc.update(totals.get(doc["campaign_id"], _ZERO_TOTALS))
                     campaign_docs.append(doc)
                 campaigns_result = UpsertResult()
                 for batch in batched(campaign_docs, batch_size):
-                    campaigns_result += repo.upsert_campaigns(user_id, batch, synced_at)
+                    campaigns_result += repo.upsert_campaigns(user_id, batch, synced_at, known=campaign_hashes)
+                if load.token:
+                    repo.states.save(user_id, connector.id, account.id, load.token, start.isoformat(),
+                                     end.isoformat(), load.digests)
                 outcomes.append(AccountOutcome(account.id, account.currency, start, end, campaigns_result,
-                                               metrics_result, metric_rows, deleted))
+                                               load.result, load.rows, load.deleted))
                 say(f"account {index}/{len(syncable)} {account.id} ({account.currency}): "
-                    f"{len(campaign_docs)} campaigns, {metric_rows} metric rows {start}..{end}, "
-                    f"written {campaigns_result.written + metrics_result.written}, removed {deleted}")
-                _stop_if_gone(users, repo, user_id, connector)
+                    f"{len(campaign_docs)} campaigns, {load.rows} metric rows {start}..{end} "
+                    f"({load.describe()}), written {campaigns_result.written + load.result.written}, "
+                    f"removed {load.deleted}")
+                if campaigns_result.written or load.result.written or load.deleted:
+                    _stop_if_gone(users, repo, user_id, connector)
             except RateLimited as exc:
                 if not exc.account_id or exc.account_id != account.id:
                     raise  # the whole app/user is limited: stop the partition now
@@ -236,8 +242,119 @@ def sync_connection(db: Database, cipher: TokenCipher, connector: Connector, use
         users.mark_needs_reauth(user_id, connector.id, str(exc))
         raise
     finally:
+        reader.shutdown(wait=True)
         session.close()
     return SyncOutcome(outcomes, session.stats.api_calls, first_sync, time.monotonic() - started)
+
+
+#: metric rows of one account's window held in memory while their day digests are compared with the
+#: stored ones; a longer window streams against the stored rows instead (memory stays bounded)
+DIGEST_BUFFER_ROWS = 25_000
+
+
+@dataclasses.dataclass
+class MetricsLoad:
+    """What loading one account's metric rows did (see ``_load_metrics``).
+
+    Attributes:
+        result: documents inserted/updated/unchanged; ``rows``: rows the platform returned;
+        deleted: stored rows of the window the platform no longer returned;
+        changed: whether any stored row may have changed (the campaign totals must be summed again);
+        token: the ``sync_state`` run token to ``save`` the digests with once the totals are written
+            (None when nothing was invalidated); digests: the fetched rows' day digests;
+        changed_days: days compared row by row (None: the whole window, no valid state).
+    """
+
+    result: UpsertResult
+    rows: int
+    deleted: int
+    changed: bool
+    token: str | None
+    digests: DayDigests
+    changed_days: list[str] | None = None
+
+    def describe(self) -> str:
+        if self.changed_days is None:
+            return "compared row by row"
+        if not self.changed_days:
+            return "every day unchanged"
+        return f"{len(self.changed_days)} changed day{'s' if len(self.changed_days) != 1 else ''}"
+
+
+def _load_metrics(repo: CampaignRepository, user_id: ObjectId, account: Account, rows: Iterable[dict[str, Any]],
+                  start: dt.date, end: dt.date, synced_at: dt.datetime, batch_size: int,
+                  state: AccountState | None) -> MetricsLoad:
+    """Load one account's metric rows of ``start``..``end`` (account-local dates).
+
+    With a valid ``sync_state`` for the account (``state``), the window's rows (up to ``DIGEST_BUFFER_ROWS``) are
+    held while their day digests are computed; days whose digest equals the stored one are left alone
+    (no store read, no write), and only the other days are compared row by row and written. Without one
+    (first sync, a crashed or concurrent sync, or a longer window), every row is streamed in batches of
+    ``batch_size`` against the stored hashes of the window, read once. Either way the stored rows of a
+    compared day that the platform no longer returns are deleted, and the state is invalidated before
+    the first write (``MetricsLoad.token`` saves it again after the campaign totals).
+    """
+    states, platform_id = repo.states, repo.platform_id
+    dates = [(start + dt.timedelta(days=offset)).isoformat() for offset in range((end - start).days + 1)]
+    digests = DayDigests()
+    rows = iter(rows)
+    held: list[dict[str, Any]] = []
+    if state is not None:
+        for row in rows:
+            digests.add(row)
+            held.append(row)
+            if len(held) >= DIGEST_BUFFER_ROWS:
+                break
+        else:
+            changed = state.changed_days(digests, dates)
+            if not changed:
+                return MetricsLoad(UpsertResult(unchanged=len(held)), len(held), 0, False, None, digests, [])
+            token = states.invalidate(user_id, platform_id, account.id)
+            wanted = set(changed)
+            result, deleted = _write_metrics(repo, user_id, (r for r in held if r["date"] in wanted),
+                                             repo.metric_hashes_on(user_id, account.id, changed), synced_at,
+                                             batch_size)
+            result.unchanged += sum(1 for r in held if r["date"] not in wanted)
+            return MetricsLoad(result, len(held), deleted, True, token, digests, changed)
+
+    def digested(more):
+        for row in more:
+            digests.add(row)
+            yield row
+
+    token = states.invalidate(user_id, platform_id, account.id)
+    # What the store holds for the window, read once (no lookup per batch); it is empty on a first sync,
+    # so memory never grows with the history read, only with what was stored.
+    stored = repo.metric_hashes(user_id, account.id, start.isoformat(), end.isoformat())
+    counter = _Counter(itertools.chain(held, digested(rows)))
+    del held
+    result, deleted = _write_metrics(repo, user_id, counter, stored, synced_at, batch_size)
+    return MetricsLoad(result, counter.count, deleted, True, token, digests)
+
+
+class _Counter:
+    """Iterates ``items`` and counts them."""
+
+    def __init__(self, items: Iterable):
+        self.items, self.count = items, 0
+
+    def __iter__(self):
+        for item in self.items:
+            self.count += 1
+            yield item
+
+
+def _write_metrics(repo: CampaignRepository, user_id: ObjectId, rows: Iterable[dict[str, Any]],
+                   stored: dict[tuple, str | None], synced_at: dt.datetime, batch_size: int) -> tuple[UpsertResult, int]:
+    """Upsert ``rows`` in batches against ``stored`` (natural key -> hash of the stored rows they may
+    replace), then delete the stored rows no row matched: a restated day the platform no longer reports
+    (e.g. activity reversed to zero) must not linger. Returns ``(result, rows deleted)``."""
+    result = UpsertResult()
+    for batch in batched(rows, batch_size):
+        result += repo.upsert_metrics(user_id, batch, synced_at, known=stored)
+        for m in batch:
+            stored.pop((user_id, m["account_id"], m["campaign_id"], m["date"]), None)
+    return result, repo.delete_metrics(stored) if stored else 0
 
 
 def _stop_if_gone(users: UserRepository, repo: CampaignRepository, user_id: ObjectId, connector: Connector) -> None:

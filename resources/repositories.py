@@ -34,6 +34,7 @@ from pymongo.database import Database
 from pymongo.errors import BulkWriteError, DuplicateKeyError
 
 from resources.store import CAMPAIGN_KEY, METRIC_KEY, campaigns_collection, metrics_collection
+from resources.sync_state import SyncStateRepository
 
 CONNECTED = "connected"
 NEEDS_REAUTH = "needs_reauth"
@@ -367,13 +368,33 @@ class CampaignRepository:
 
     def __init__(self, db: Database, platform_id: str):
         self.platform_id = platform_id
+        self.states = SyncStateRepository(db)
         self.campaigns = KeyedCollectionRepository(db[campaigns_collection(platform_id)], CAMPAIGN_KEY)
         self.metrics = KeyedCollectionRepository(db[metrics_collection(platform_id)], METRIC_KEY)
 
     def upsert_campaigns(self, user_id: ObjectId, docs: Iterable[dict[str, Any]],
-                         synced_at: dt.datetime | None = None) -> UpsertResult:
-        """Upsert campaign documents (``account_id``, ``campaign_id`` set by the connector)."""
-        return self.campaigns.upsert_many([{**d, "user_id": user_id} for d in docs], synced_at)
+                         synced_at: dt.datetime | None = None,
+                         known: dict[tuple, str | None] | None = None) -> UpsertResult:
+        """Upsert campaign documents (``account_id``, ``campaign_id`` set by the connector). ``known``:
+        the stored hashes of the account's campaigns (``stored_campaigns``), to skip the lookup."""
+        return self.campaigns.upsert_many([{**d, "user_id": user_id} for d in docs], synced_at, known)
+
+    def stored_campaigns(self, user_id: ObjectId, account_id: str) -> tuple[dict[str, dict], dict[tuple, str | None]]:
+        """The account's stored campaigns in one query: ``(totals, hashes)`` where ``totals`` maps
+        campaign id -> ``{impressions, clicks, spend (Decimal currency units or None), totals_from,
+        totals_to}`` as last written, and ``hashes`` maps natural key -> content hash (for ``known``)."""
+        fields = ("impressions", "clicks", "spend", "totals_from", "totals_to")
+        projection = {field: 1 for field in (*CAMPAIGN_KEY, *fields, "_h")}
+        projection["_id"] = 0
+        totals, hashes = {}, {}
+        for doc in self.campaigns.col.find({"user_id": user_id, "account_id": account_id}, projection):
+            hashes[tuple(doc.get(f) for f in CAMPAIGN_KEY)] = doc.get("_h")
+            spend = doc.get("spend")
+            totals[doc["campaign_id"]] = {
+                "impressions": doc.get("impressions", 0), "clicks": doc.get("clicks", 0),
+                "spend": spend.to_decimal() if isinstance(spend, Decimal128) else spend,
+                "totals_from": doc.get("totals_from"), "totals_to": doc.get("totals_to")}
+        return totals, hashes
 
     def upsert_metrics(self, user_id: ObjectId, docs: Iterable[dict[str, Any]],
                        synced_at: dt.datetime | None = None,
@@ -388,6 +409,10 @@ class CampaignRepository:
         return self.metrics.hashes({"user_id": user_id, "account_id": account_id,
                                     "date": {"$gte": start, "$lte": end}})
 
+    def metric_hashes_on(self, user_id: ObjectId, account_id: str, dates: list[str]) -> dict[tuple, str | None]:
+        """Like ``metric_hashes`` for the listed dates (``YYYY-MM-DD``) only."""
+        return self.metrics.hashes({"user_id": user_id, "account_id": account_id, "date": {"$in": list(dates)}})
+
     def delete_metrics(self, keys: Iterable[tuple]) -> int:
         """Delete metric rows by natural key (days the platform no longer reports after a restatement)."""
         return self.metrics.delete_keys(keys)
@@ -399,7 +424,9 @@ class CampaignRepository:
         return list(self.metrics.col.find({"user_id": user_id, **filters}, {"_h": 0}))
 
     def delete_user(self, user_id: ObjectId, account_ids: list[str] | None = None) -> int:
-        """Delete a user's documents (optionally only some accounts); returns how many."""
+        """Delete a user's documents (optionally only some accounts) and their sync state (the next
+        sync compares row by row); returns how many campaign and metric documents were deleted."""
+        self.states.delete(user_id, self.platform_id, account_ids)
         query: dict[str, Any] = {"user_id": user_id}
         if account_ids is not None:
             query["account_id"] = {"$in": account_ids}

@@ -6,6 +6,8 @@ used through the URI it publishes. Collections:
 - ``users``: identity and OAuth credentials only (unique ``email``).
 - ``<platform>_campaigns``: one document per (user_id, account_id, campaign_id), unique.
 - ``<platform>_campaign_metrics``: one per (user_id, account_id, campaign_id, date), unique.
+- ``sync_state``: day digests per (user_id, platform, account_id), unique (``resources.sync_state``).
+- ``sync_requests``: the portal's "Sync now" requests.
 """
 from __future__ import annotations
 
@@ -106,4 +108,7 @@ def ensure_indexes(db: Database, platform_ids=None) -> None:
         db[metrics_collection(platform_id)].create_index(
             [(field, ASCENDING) for field in METRIC_KEY], unique=True, name="natural_key"
         )
+    from resources.sync_state import COLLECTION as SYNC_STATE, KEY as SYNC_STATE_KEY
+
+    db[SYNC_STATE].create_index([(field, ASCENDING) for field in SYNC_STATE_KEY], unique=True, name="natural_key")
     db.sync_requests.create_index([("user_id", ASCENDING), ("platform", ASCENDING)], name="user_platform")
