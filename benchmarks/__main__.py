@@ -153,8 +153,9 @@ def table(results: dict[str, Any]) -> str:
                      f"= **{ratio:.2f}×**", "≤ 1.5×", _met(ratio <= TARGETS["p1"])))
         p4 = r["p4"]
         parts = p4.get("breakdown") or {}
-        extra = (f"; beyond the fetch: stored hashes read {_s(parts.get('stored_hashes_read_s'))}, rows hashed "
-                 f"{_s(parts.get('hash_rows_s'))}, campaign totals {_s(parts.get('campaign_totals_s'))}") if parts else ""
+        extra = (f"; beyond the fetch: day digests read {_s(parts.get('day_digests_read_s'))}, rows digested "
+                 f"{_s(parts.get('rows_digested_s'))}, stored campaigns read {_s(parts.get('stored_campaigns_read_s'))}"
+                 ) if "rows_digested_s" in parts else ""
         rows.append(("P4 re-sync, nothing changed", pid,
                      f"{p4['modified']} documents modified ({p4['rows']:,} rows re-read); re-sync (the asset's work) "
                      f"{_s(p4['resync_body_s'])} vs fetch-only {_s(p4['fetch_only_s'])} = **{p4['ratio']:.2f}×** (the "

@@ -6,6 +6,7 @@ of the machine hits both sides), and the median is reported.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import os
 import subprocess
@@ -38,11 +39,14 @@ def sandbox_options(platform_ids: list[str], campaigns: int) -> dict[str, dict]:
 
 
 def reset_platform_data(db, platform_id: str, user_ids: list[str]) -> None:
-    """Forget a connection's synced data so the next sync is a first sync again."""
+    """Forget a connection's synced data (rows and day digests) so the next sync is a first sync again."""
+    from resources.sync_state import SyncStateRepository
+
     for name in (campaigns_collection(platform_id), metrics_collection(platform_id)):
         db[name].drop()
     ensure_indexes(db, [platform_id])
     for user_id in user_ids:
+        SyncStateRepository(db).delete(ObjectId(user_id), platform_id)
         db.users.update_one({"_id": ObjectId(user_id)}, {"$unset": {f"oauth.{platform_id}.sync": ""}})
 
 
@@ -172,6 +176,7 @@ def measure_p1_p4(platform_id: str, campaigns: int, days: int, runs: int = RUNS,
 
             resync_job, resync_body, fetch_times, modified = [], [], [], []
             for index in range(runs):
+                gc.collect()  # each side starts without the previous run's garbage
                 with Timer() as t:
                     fetched = floors.fetch_only(db, cipher, platform_id, ObjectId(conn.user_id), days)
                 fetch_times.append(t.seconds)
@@ -180,6 +185,7 @@ def measure_p1_p4(platform_id: str, campaigns: int, days: int, runs: int = RUNS,
                     result = conn.run_sync_job(days)
                 resync_job.append(t.seconds)
                 meta = materialization_metadata(result, f"{platform_id}_campaigns")
+                gc.collect()
                 with Timer() as t:
                     outcome = sync_connection(db, cipher, get_connector(platform_id), ObjectId(conn.user_id),
                                               lookback_days=days, history_days=days)
@@ -207,14 +213,16 @@ def measure_p1_p4(platform_id: str, campaigns: int, days: int, runs: int = RUNS,
 
 
 def p4_breakdown(db, cipher, platform_id: str, user_id: str, days: int) -> dict[str, float]:
-    """Where a re-sync's time goes beyond fetching, each part timed alone: reading the window's stored
-    hashes (one query per account), hashing the fetched rows, and the campaign totals aggregate."""
+    """Where a re-sync's time goes beyond fetching, each part timed alone: reading the accounts' day
+    digests (``sync_state``), digesting the fetched rows, and reading the stored campaigns (totals and
+    hashes), one query each per account."""
     import datetime as dt
 
-    from pipelines.sync import _campaign_totals, sync_window
+    from pipelines.sync import sync_window
     from resources.platforms.base import Account
     from resources.platforms.registry import get_connector
-    from resources.repositories import CampaignRepository, UserRepository, content_hash
+    from resources.repositories import CampaignRepository, UserRepository
+    from resources.sync_state import DayDigests
 
     oid = ObjectId(user_id)
     connection = UserRepository(db).connection(oid, platform_id)
@@ -222,7 +230,7 @@ def p4_breakdown(db, cipher, platform_id: str, user_id: str, days: int) -> dict[
     session = get_connector(platform_id).open_session(cipher.decrypt(connection["token"]))
     repo = CampaignRepository(db, platform_id)
     now = dt.datetime.now(dt.timezone.utc)
-    parts = {"stored_hashes_read_s": 0.0, "hash_rows_s": 0.0, "campaign_totals_s": 0.0}
+    parts = {"day_digests_read_s": 0.0, "rows_digested_s": 0.0, "stored_campaigns_read_s": 0.0}
     try:
         for account in accounts:
             if not session.syncable(account):
@@ -230,15 +238,16 @@ def p4_breakdown(db, cipher, platform_id: str, user_id: str, days: int) -> dict[
             start, end = sync_window(account, days, now)
             docs = list(session.fetch_daily_metrics(account, start, end))
             with Timer() as t:
-                repo.metric_hashes(oid, account.id, start.isoformat(), end.isoformat())
-            parts["stored_hashes_read_s"] += t.seconds
+                repo.states.get(oid, platform_id, account.id)
+            parts["day_digests_read_s"] += t.seconds
             with Timer() as t:
+                digests = DayDigests()
                 for doc in docs:
-                    content_hash({k: v for k, v in doc.items() if k not in ("account_id", "campaign_id", "date")})
-            parts["hash_rows_s"] += t.seconds
+                    digests.add(doc)
+            parts["rows_digested_s"] += t.seconds
             with Timer() as t:
-                _campaign_totals(repo, oid, account.id)
-            parts["campaign_totals_s"] += t.seconds
+                repo.stored_campaigns(oid, account.id)
+            parts["stored_campaigns_read_s"] += t.seconds
     finally:
         session.close()
     return parts
