@@ -236,11 +236,11 @@ def campaigns_materialization(platform_id: str, store: MongoStoreResource, user_
 
 
 def _account_table(outcome) -> str:
-    lines = ["| account | currency | dates | campaigns written | metric rows | metric rows written |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| account | currency | dates | campaigns written | metric rows | metric rows written | compared |",
+             "|---|---|---|---|---|---|---|"]
     for a in outcome.accounts:
         lines.append(f"| {a.account_id} | {a.currency} | {a.start}..{a.end} | {a.campaigns.written} | "
-                     f"{a.metric_rows} | {a.metrics.written} |")
+                     f"{a.metric_rows} | {a.metrics.written} | {a.compared} |")
     return "\n".join(lines)
 
 

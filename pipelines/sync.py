@@ -66,6 +66,8 @@ class AccountOutcome:
     metrics: UpsertResult
     metric_rows: int
     metric_rows_deleted: int = 0
+    #: how the rows were compared with the store (``MetricsLoad.describe``), e.g. "every day unchanged"
+    compared: str = ""
 
 
 @dataclasses.dataclass
@@ -220,7 +222,7 @@ def sync_connection(db: Database, cipher: TokenCipher, connector: Connector, use
                     repo.states.save(user_id, connector.id, account.id, load.token, start.isoformat(),
                                      end.isoformat(), load.digests)
                 outcomes.append(AccountOutcome(account.id, account.currency, start, end, campaigns_result,
-                                               load.result, load.rows, load.deleted))
+                                               load.result, load.rows, load.deleted, load.describe()))
                 say(f"account {index}/{len(syncable)} {account.id} ({account.currency}): "
                     f"{len(campaign_docs)} campaigns, {load.rows} metric rows {start}..{end} "
                     f"({load.describe()}), written {campaigns_result.written + load.result.written}, "
