@@ -22,14 +22,15 @@ def build_definitions(store: MongoStoreResource | None = None, schedule_batch_si
     """
     batch_size = schedule_batch_size or get_settings().schedule_batch_size
     platforms = {pid: build_platform_definitions(pid) for pid in platform_ids()}
-    assets, jobs, sensors, schedules = [], [], [], []
+    assets, jobs, sensors, schedules, sync_batch_jobs = [], [], [], [], []
     for platform in platforms.values():
         batch_jobs = build_batch_jobs(platform)
+        sync_batch_jobs.append(batch_jobs[0])
         assets += [platform.token_asset, platform.campaigns_asset]
         jobs += [platform.sync_job, platform.token_job, *batch_jobs]
         sensors.append(build_connections_sensor(platform))
         schedules += build_schedules(platform, batch_jobs, batch_size)
-    sensors += build_sync_request_sensors(list(platforms.values()))
+    sensors += build_sync_request_sensors(list(platforms.values()), sync_batch_jobs)
     definitions = Definitions(assets=assets, jobs=jobs, sensors=sensors, schedules=schedules,
                               resources={"store": store or MongoStoreResource()})
     return definitions, platforms

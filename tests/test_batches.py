@@ -118,3 +118,37 @@ def test_one_failing_connection_does_not_stop_the_batch(portal, db, google, batc
     for user_id in synced:
         _store_equals_truth(db, google, UserRepository(db).get(user_id)["_id"])
     assert db.google_campaign_metrics.count_documents({"user_id": UserRepository(db).get(revoked)["_id"]}) == 0
+
+
+def test_batch_run_whose_retries_run_out_leaves_no_connection_retrying(portal, db, google, batched, monkeypatch):
+    """The campaigns step meets a transient API error in every retry round: the run fails, and the
+    run-failure sensor turns the connection's ``retrying`` (recorded by each attempt) into ``failed``."""
+    import threading
+    import time
+
+    defs, platforms, instance = batched
+    [user_id] = _users(portal, db, 1)
+    tick(defs, instance, "google_connections_sensor")
+    tick(defs, instance, "sync_request_failure_sensor")  # run-status sensors start from "now"
+    monkeypatch.setattr(batches, "_retry_delay", lambda round_number: 0)  # no waiting between rounds here
+    google.set_latency(0.5)  # room to make the API fail once the token is done
+    job = defs.resolve_job_def("google_sync_batch_job")
+    config = {"ops": {"google_sync_batch": {"config": {"partition_keys": [user_id]}}}}
+    results = []
+    worker = threading.Thread(target=lambda: results.append(
+        job.execute_in_process(instance=instance, run_config=config, raise_on_error=False)))
+    worker.start()
+    deadline = time.monotonic() + 60
+    while not instance.get_materialized_partitions(AssetKey("google_token")) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert instance.get_materialized_partitions(AssetKey("google_token")) == {user_id}
+    google.inject_fault("UNAVAILABLE", count=1000)  # every campaigns attempt from now on fails transiently
+    worker.join(timeout=120)
+    [result] = results
+    assert not result.success
+    sync = UserRepository(db).connection(user_id, PID)["sync"]
+    assert sync["last_status"] == "retrying"  # what the last attempt recorded, with the run already over
+
+    tick(defs, instance, "sync_request_failure_sensor")
+    sync = UserRepository(db).connection(user_id, PID)["sync"]
+    assert sync["last_status"] == "failed" and "temporary failure" in sync["last_error"]

@@ -317,7 +317,8 @@ def test_sync_status_page_and_json(portal, db):
     done = portal.get("/sync/status").json()["platforms"]["fake"]
     assert done["label"] == "Done" and "3 campaigns, 270 metric rows" in done["message"]
 
-    # a request that never reported back (e.g. its run was cancelled) stops blocking after an hour
+    # a request that never reported back (e.g. no daemon evaluated the run-status sensors) stops blocking
+    # after an hour
     db.sync_requests.update_one({"_id": request_id}, {"$set": {
         "status": "queued", "queued_at": dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=2)}})
     stale = portal.get("/sync/status").json()

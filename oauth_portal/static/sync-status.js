@@ -35,7 +35,7 @@
     var els = document.querySelectorAll("[data-sync-platform]");
     for (var i = 0; i < els.length; i++) {
       var state = els[i].getAttribute("data-state");
-      if (state === "success" || state === "failed") {
+      if (state === "success" || state === "failed" || state === "cancelled") {
         var link = document.createElement("a");
         link.href = window.location.href.split("#")[0];
         link.className = "reload";
