@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
+import unicodedata
 from urllib.parse import urlsplit
 
 import bcrypt
@@ -45,8 +46,32 @@ COMMON_PASSWORDS = frozenset({
 EMAIL_PATTERN = r"^[^@\s]+@[^@\s]+\.[^@\s]+$"
 
 
+#: Unicode categories refused anywhere in an email: controls (Cc, e.g. NUL) and format characters
+#: (Cf: bidi overrides such as U+202E, zero-width spaces and joiners, soft hyphens).
+REFUSED_EMAIL_CATEGORIES = frozenset({"Cc", "Cf"})
+
+
 def _strip(value):
     return value.strip() if isinstance(value, str) else value
+
+
+def has_control_characters(value: str) -> bool:
+    """True when ``value`` (as typed, or once NFKC-normalised the way it would be stored) holds a
+    control or format character (Unicode category Cc or Cf), e.g. NUL, U+202E or U+200B."""
+    return any(unicodedata.category(ch) in REFUSED_EMAIL_CATEGORIES
+               for text in (value, normalize_email(value)) for ch in text)
+
+
+def no_control_characters(message: str):
+    """WTForms validator refusing a value with control/format characters (``has_control_characters``)."""
+
+    def _check(form, field):
+        if field.errors:  # already refused (e.g. by the pattern): one message is enough
+            return
+        if isinstance(field.data, str) and has_control_characters(field.data):
+            raise ValidationError(message)
+
+    return _check
 
 # A dummy hash so a login for an unknown email costs as much as one for a known email.
 _DUMMY_HASH: dict[int, bytes] = {}
@@ -107,7 +132,8 @@ class SignupForm(FlaskForm):
 
     email = EmailField("Email", filters=[_strip], validators=[
         DataRequired("Enter your email address."), Length(max=254),
-        Regexp(EMAIL_PATTERN, message="Enter a valid email address.")])
+        Regexp(EMAIL_PATTERN, message="Enter a valid email address."),
+        no_control_characters("Enter a valid email address.")])
     password = PasswordField("Password", validators=[DataRequired("Choose a password.")])
     password_confirm = PasswordField("Repeat password", validators=[
         DataRequired("Repeat the password."), EqualTo("password", message="The passwords do not match.")])

@@ -165,6 +165,27 @@ def test_signup_mismatched_and_invalid_email(portal, db):
     assert user_count(db) == 0
 
 
+@pytest.mark.parametrize("email", [
+    "a\x00b@example.com",        # NUL (Cc)
+    "a\x7fb@example.com",        # DEL (Cc)
+    "e\u202ef@example.com",      # RIGHT-TO-LEFT OVERRIDE (Cf)
+    "ann\u200b@example.com",     # ZERO WIDTH SPACE (Cf)
+    "ann@exam\u2066ple.com",     # LEFT-TO-RIGHT ISOLATE (Cf)
+    "\ufeffann@example.com",     # ZERO WIDTH NO-BREAK SPACE / BOM (Cf)
+    "c\nd@example.com",          # newline, refused by the pattern already
+])
+def test_signup_refuses_control_and_format_characters_in_email(portal, db, email):
+    response = portal.signup(email, allow_redirects=False)
+    assert response.status_code == 400
+    assert response.text.count("Enter a valid email address.") == 1
+    assert user_count(db) == 0
+    assert portal.get("/dashboard", allow_redirects=False).status_code == 302  # not logged in
+    # the same address without the character is accepted
+    clean = "".join(ch for ch in email if ch.isprintable())
+    assert portal.signup(clean, allow_redirects=False).status_code == 302
+    assert [doc["email"] for doc in db.users.find({})] == [clean.lower()]
+
+
 def test_missing_csrf_token_is_400_and_nothing_written(portal, db):
     response = portal.post("/signup", {"email": "eve@example.com", "password": PASSWORD, "password_confirm": PASSWORD})
     assert response.status_code == 400
