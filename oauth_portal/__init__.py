@@ -47,7 +47,8 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
             ``BCRYPT_ROUNDS``, ``LOGIN_RATE_LIMIT``).
 
     Raises:
-        resources.settings.ConfigurationError: no store configured.
+        resources.settings.ConfigurationError: no store configured, or the token keys are not usable
+            (``resources.crypto.KeyConfigurationError``, naming the env var entry or key-file line).
     """
     settings = get_settings()
     redaction.install("werkzeug", "authlib", "oauth_portal")  # no OAuth codes/state/tokens in logs
@@ -76,6 +77,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         SYNC_REQUEST_STALE_SECONDS=3600,
     )
     app.config.update(config or {})
+    cipher = TokenCipher.from_settings(settings)  # a bad key stops here, before anything else starts
 
     db = get_database(settings)
     ensure_indexes(db)
@@ -89,7 +91,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
             log.warning("platform %s is not configured: it is shown as 'not configured'", platform_id)
 
     app.extensions[EXTENSION_KEY] = PortalState(
-        settings=settings, db=db, users=UserRepository(db), cipher=TokenCipher.from_settings(settings),
+        settings=settings, db=db, users=UserRepository(db), cipher=cipher,
         connectors=connectors, oauth=oauth,
     )
 

@@ -60,24 +60,36 @@ def _run(args) -> int:
 
 
 def _rotate_keys() -> int:
-    from resources.crypto import TokenCipher
+    """Re-encrypt every stored token under the newest key; exit 1 when some token cannot be decrypted
+    with any configured key (those are left as they are and listed without their content)."""
+    from resources.crypto import TokenCipher, TokenDecryptionError
     from resources.settings import get_settings
-    from resources.store import get_database
-
-    from resources.store import check_store
+    from resources.store import check_store, get_database
 
     settings = get_settings()
     cipher = TokenCipher.from_settings(settings)
     db = get_database(settings)
     check_store(db)
     count = 0
+    undecryptable: list[str] = []
     for user in db.users.find({"oauth": {"$exists": True}}, {"oauth": 1}):
         for platform_id, connection in (user.get("oauth") or {}).items():
             if connection.get("token"):
-                db.users.update_one({"_id": user["_id"]}, {"$set": {
-                    f"oauth.{platform_id}.token": cipher.rotate(connection["token"])}})
+                try:
+                    rotated = cipher.rotate(connection["token"])
+                except TokenDecryptionError:
+                    undecryptable.append(f"user {user['_id']} {platform_id}")
+                    continue
+                db.users.update_one({"_id": user["_id"]}, {"$set": {f"oauth.{platform_id}.token": rotated}})
                 count += 1
-    print(f"re-encrypted {count} tokens under the newest key")
+    print(f"re-encrypted {count} {'token' if count == 1 else 'tokens'} under the newest key")
+    if undecryptable:
+        print(f"error: {len(undecryptable)} stored {'token' if len(undecryptable) == 1 else 'tokens'} "
+              f"cannot be decrypted with any configured key and were left unchanged "
+              f"({', '.join(undecryptable[:10])}{', …' if len(undecryptable) > 10 else ''}); "
+              "add the key they were encrypted with after the newest one and run rotate-keys again",
+              file=sys.stderr)
+        return 1
     return 0
 
 

@@ -139,6 +139,13 @@ def run_demo(once: bool = False, portal_port: int = 5000, dagster_port: int = 30
     if busy:
         print("error: " + "; ".join(busy), file=sys.stderr)
         return 2
+    try:  # a bad token key stops the demo before anything starts (one line, no traceback)
+        from resources.crypto import TokenCipher
+
+        TokenCipher.from_settings(settings.model_copy(update={"data_dir": data_dir}))
+    except ConfigurationError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     os.environ["DAGSTER_HOME"] = str(_dagster_home(data_dir))
     services = Services(data_dir, portal_port)
     try:

@@ -1,0 +1,81 @@
+"""The ``unified-ads`` console script, run as a user runs it: a subprocess with its own environment.
+
+Bad token keys must end in one ``error: …`` line naming where the key came from (the
+``TOKEN_ENCRYPTION_KEYS`` entry, or the key file and line) with a non-zero exit code, no traceback and
+never the key's text.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from resources.crypto import TokenCipher
+
+#: a "key" that is not one; it must never be echoed
+GARBAGE_KEY = "not-a-key-SECRET-4f9a"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _cli_command() -> list[str]:
+    script = Path(sys.executable).parent / "unified-ads"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "resources.cli"]
+
+
+def run_cli(args: list[str], data_dir: Path, env: dict[str, str] | None = None,
+            timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run ``unified-ads <args>`` in ``data_dir`` (no ``.env`` there) with ``DATA_DIR=data_dir``."""
+    environment = {k: v for k, v in os.environ.items()
+                   if k not in ("TOKEN_ENCRYPTION_KEYS", "UA_ENV_FILE", "PORTAL_BASE_URL")}
+    environment.update({"DATA_DIR": str(data_dir), **(env or {})})
+    return subprocess.run(_cli_command() + args, cwd=data_dir, env=environment, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, expected: str) -> str:
+    """Exit code 2, no traceback, exactly one ``error:`` line containing ``expected``, no key text."""
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output
+    assert "Traceback" not in output, output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, output
+    assert expected in errors[0], errors[0]
+    assert GARBAGE_KEY not in output
+    return errors[0]
+
+
+def test_rotate_keys_names_the_key_file_line(tmp_path, store_uri):
+    good = TokenCipher.generate_key()
+    key_file = tmp_path / "token.keys"
+    key_file.write_text(f"{good}\n\n{GARBAGE_KEY}\n")
+    result = run_cli(["rotate-keys"], tmp_path, {"MONGODB_URI": store_uri})
+    error = assert_one_line_error(result, f"line 3 of the key file {key_file} is not a valid Fernet key")
+    assert "TOKEN_ENCRYPTION_KEYS" not in error  # the env var is not set: it is not to blame
+    assert good not in result.stdout + result.stderr
+
+
+def test_bad_key_in_env_var_stops_the_portal_with_one_line(tmp_path, store_uri):
+    good = TokenCipher.generate_key()
+    result = run_cli(["portal", "--port", str(_free_port())], tmp_path,
+                     {"MONGODB_URI": store_uri, "TOKEN_ENCRYPTION_KEYS": f"{good},{GARBAGE_KEY}"})
+    error = assert_one_line_error(result, "TOKEN_ENCRYPTION_KEYS entry #2 is not a valid Fernet key")
+    assert "token.keys" not in error
+    assert good not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("keys", [GARBAGE_KEY, " , "])
+def test_bad_key_in_env_var_stops_the_demo_before_it_starts(tmp_path, keys):
+    result = run_cli(["demo", "--once", "--portal-port", str(_free_port())], tmp_path,
+                     {"TOKEN_ENCRYPTION_KEYS": keys}, timeout=60)
+    expected = "entry #1 is not a valid Fernet key" if keys.strip(" ,") else "TOKEN_ENCRYPTION_KEYS holds no key"
+    assert_one_line_error(result, expected)
+    assert not (tmp_path / "dagster_home").exists() and not (tmp_path / "sandbox.env").exists()
