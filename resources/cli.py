@@ -84,11 +84,12 @@ def _rotate_keys() -> int:
                 count += 1
     print(f"re-encrypted {count} {'token' if count == 1 else 'tokens'} under the newest key")
     if undecryptable:
-        print(f"error: {len(undecryptable)} stored {'token' if len(undecryptable) == 1 else 'tokens'} "
-              f"cannot be decrypted with any configured key and were left unchanged "
-              f"({', '.join(undecryptable[:10])}{', …' if len(undecryptable) > 10 else ''}); "
-              "add the key they were encrypted with after the newest one and run rotate-keys again",
-              file=sys.stderr)
+        one = len(undecryptable) == 1
+        print(f"error: {len(undecryptable)} stored {'token' if one else 'tokens'} cannot be decrypted with "
+              f"any configured key and {'was' if one else 'were'} left unchanged "
+              f"({', '.join(undecryptable[:10])}{', …' if len(undecryptable) > 10 else ''}); add the key "
+              f"{'it was' if one else 'they were'} encrypted with after the newest one and run "
+              "rotate-keys again", file=sys.stderr)
         return 1
     return 0
 

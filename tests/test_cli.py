@@ -79,3 +79,26 @@ def test_bad_key_in_env_var_stops_the_demo_before_it_starts(tmp_path, keys):
     expected = "entry #1 is not a valid Fernet key" if keys.strip(" ,") else "TOKEN_ENCRYPTION_KEYS holds no key"
     assert_one_line_error(result, expected)
     assert not (tmp_path / "dagster_home").exists() and not (tmp_path / "sandbox.env").exists()
+
+
+def test_rotate_keys_re_encrypts_and_reports_tokens_no_key_opens(tmp_path, db, db_name, store_uri):
+    old, new, lost = (TokenCipher.generate_key() for _ in range(3))
+    token = {"access_token": "ya29.SECRET-rotate", "refresh_token": "1//r"}
+    rotatable = db.users.insert_one({"email": "a@example.com", "oauth": {
+        "google": {"status": "connected", "token": TokenCipher([old]).encrypt(token)}}}).inserted_id
+    orphan_ciphertext = TokenCipher([lost]).encrypt(token)
+    orphan = db.users.insert_one({"email": "b@example.com", "oauth": {
+        "meta": {"status": "connected", "token": orphan_ciphertext}}}).inserted_id
+    (tmp_path / "token.keys").write_text(f"{new}\n{old}\n")
+    result = run_cli(["rotate-keys"], tmp_path, {"MONGODB_URI": store_uri, "MONGODB_DB": db_name})
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    assert "re-encrypted 1 token under the newest key" in result.stdout
+    assert result.stderr.strip() == (
+        f"error: 1 stored token cannot be decrypted with any configured key and was left unchanged "
+        f"(user {orphan} meta); add the key it was encrypted with after the newest one and run "
+        f"rotate-keys again")
+    assert "SECRET" not in output and "Traceback" not in output
+    rotated = db.users.find_one({"_id": rotatable})["oauth"]["google"]["token"]
+    assert TokenCipher([new]).decrypt(rotated) == token  # the newest key alone opens it now
+    assert db.users.find_one({"_id": orphan})["oauth"]["meta"]["token"] == orphan_ciphertext
