@@ -18,7 +18,8 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("store", help="run the embedded MongoDB-wire store in the foreground")
     sub.add_parser("sandbox", help="run the offline platform sandbox in the foreground")
     portal = sub.add_parser("portal", help="run the portal (Flask development server)")
-    portal.add_argument("--port", type=int, default=5000)
+    portal.add_argument("--port", type=int, default=5000,
+                        help="port to listen on; without PORTAL_BASE_URL the OAuth redirect URIs use it too")
     demo = sub.add_parser("demo", help="store + sandbox + portal + Dagster UI; --once: headless check")
     demo.add_argument("--once", action="store_true", help="sign up, connect, sync through Dagster, verify, exit")
     demo.add_argument("--portal-port", type=int, default=5000)
@@ -47,6 +48,10 @@ def _run(args) -> int:
         from oauth_portal import create_app
         from resources.store import check_store, get_database
 
+        base_url, warning = portal_base_url_for_port(args.port)
+        if warning:
+            print(f"warning: {warning}", file=sys.stderr)
+        print(f"[portal] OAuth redirect URIs: {base_url}/connections/<platform>/callback", flush=True)
         check_store(get_database())
         create_app().run(host="127.0.0.1", port=args.port)
         return 0
@@ -57,6 +62,42 @@ def _run(args) -> int:
     if args.command == "rotate-keys":
         return _rotate_keys()
     return 2
+
+
+def portal_base_url_for_port(port: int) -> tuple[str, str | None]:
+    """Make the portal's public URL agree with the port it listens on.
+
+    When ``PORTAL_BASE_URL`` is not set (neither in the environment nor in ``.env`` / ``UA_ENV_FILE``),
+    it becomes ``http://127.0.0.1:<port>`` for this process (so OAuth redirect URIs lead back to this
+    server). When it is set, it is kept as it is.
+
+    Returns:
+        (the base URL in effect, a warning when an explicit ``PORTAL_BASE_URL`` names another port
+        than ``port`` — OAuth redirects would then land elsewhere unless a proxy forwards them —,
+        else None).
+    """
+    import os
+    from urllib.parse import urlsplit
+
+    from resources.settings import get_settings
+
+    settings = get_settings()
+    if "portal_base_url" not in settings.model_fields_set:
+        os.environ["PORTAL_BASE_URL"] = f"http://127.0.0.1:{port}"
+        get_settings.cache_clear()
+        return get_settings().portal_base_url, None
+    base_url = settings.portal_base_url
+    parts = urlsplit(base_url)
+    try:
+        named = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
+    except ValueError:  # a port that is not a number
+        named = None
+    if named != port:
+        return base_url, (
+            f"PORTAL_BASE_URL is {base_url} (port {named if named is not None else 'unknown'}) but the "
+            f"portal listens on port {port}: OAuth redirects will go to {base_url}/connections/… — "
+            f"unset PORTAL_BASE_URL or make it name port {port}, unless a proxy forwards that address here")
+    return base_url, None
 
 
 def _rotate_keys() -> int:

@@ -10,11 +10,16 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import requests
 
+from portal_helpers import Portal as PortalClient
+from portal_helpers import query_of
 from resources.crypto import TokenCipher
+from resources.store import get_client
 
 #: a "key" that is not one; it must never be echoed
 GARBAGE_KEY = "not-a-key-SECRET-4f9a"
@@ -102,3 +107,89 @@ def test_rotate_keys_re_encrypts_and_reports_tokens_no_key_opens(tmp_path, db, d
     rotated = db.users.find_one({"_id": rotatable})["oauth"]["google"]["token"]
     assert TokenCipher([new]).decrypt(rotated) == token  # the newest key alone opens it now
     assert db.users.find_one({"_id": orphan})["oauth"]["meta"]["token"] == orphan_ciphertext
+
+
+@pytest.fixture
+def start_portal(tmp_path, store_uri, sandbox):
+    """Start ``unified-ads portal --port <free>`` (sandbox platforms configured); stopped afterwards."""
+    procs: list[subprocess.Popen] = []
+
+    def start(env: dict[str, str] | None = None) -> tuple[str, subprocess.Popen]:
+        port = _free_port()
+        environment = {k: v for k, v in os.environ.items()
+                       if k not in ("TOKEN_ENCRYPTION_KEYS", "UA_ENV_FILE", "PORTAL_BASE_URL")}
+        environment.update({"DATA_DIR": str(tmp_path), "MONGODB_URI": store_uri,
+                            "MONGODB_DB": f"test_cli_{port}", **(env or {})})
+        proc = subprocess.Popen(_cli_command() + ["portal", "--port", str(port)], cwd=tmp_path,
+                                env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        procs.append(proc)
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, proc.communicate()
+            try:
+                if requests.get(f"{url}/healthz", timeout=2).status_code == 200:
+                    return url, proc
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.2)
+        raise AssertionError("the portal did not start")
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        get_client(store_uri).drop_database(f"test_cli_{proc.args[-1]}")
+
+
+def _redirect_uri_sent(url: str) -> str:
+    """Sign up on the portal at ``url``, press Connect Google Ads; the redirect_uri sent to Google."""
+    client = PortalClient(url=url, app=None, db=None, http=requests.Session())
+    assert client.signup("port@example.com").status_code == 200
+    response = client.submit("/connections", "/connections/google/connect", allow_redirects=False)
+    assert response.status_code == 302, response.text
+    return query_of(response.headers["Location"])["redirect_uri"]
+
+
+def _stop(proc: subprocess.Popen) -> tuple[str, str]:
+    proc.terminate()
+    return proc.communicate(timeout=10)
+
+
+def test_portal_port_sets_the_default_base_url(start_portal):
+    url, proc = start_portal()
+    assert _redirect_uri_sent(url) == f"{url}/connections/google/callback"
+    out, err = _stop(proc)
+    assert f"[portal] OAuth redirect URIs: {url}/connections/<platform>/callback" in out
+    assert "PORTAL_BASE_URL" not in err
+
+
+def test_portal_warns_when_the_base_url_names_another_port(start_portal):
+    other = f"http://127.0.0.1:{_free_port()}"
+    url, proc = start_portal({"PORTAL_BASE_URL": other})
+    assert _redirect_uri_sent(url) == f"{other}/connections/google/callback"  # explicit value kept
+    out, err = _stop(proc)
+    port = url.rsplit(":", 1)[1]
+    warnings = [line for line in err.splitlines() if line.startswith("warning: ")]
+    assert warnings == [
+        f"warning: PORTAL_BASE_URL is {other} (port {other.rsplit(':', 1)[1]}) but the portal listens on "
+        f"port {port}: OAuth redirects will go to {other}/connections/… — unset PORTAL_BASE_URL or make it "
+        f"name port {port}, unless a proxy forwards that address here"]
+
+
+def test_portal_does_not_warn_when_the_base_url_names_its_port(start_portal, tmp_path):
+    port = _free_port()
+    # the explicit value may also come from the env file named by UA_ENV_FILE
+    (tmp_path / "portal.env").write_text(f"PORTAL_BASE_URL=http://localhost:{port}/\n")
+    environment = {**os.environ, "UA_ENV_FILE": str(tmp_path / "portal.env")}
+    environment.pop("PORTAL_BASE_URL", None)
+    result = subprocess.run(
+        [sys.executable, "-c", "from resources.cli import portal_base_url_for_port as f; "
+                               f"print(f({port})); print(f({port + 1})[1] is not None)"],
+        cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [f"('http://localhost:{port}', None)", "True"]
