@@ -235,24 +235,44 @@ def facts_line(results: dict[str, Any]) -> str:
             f"pymongo {v.get('pymongo')}; store: {results.get('store')}; commit {f['git_commit']}")
 
 
+def _install_peers() -> None:
+    """Install the P2 peers into their cached virtual environments before anything is timed (a first run
+    downloads them from the package registry; later runs reuse them). Failures are reported by P2."""
+    from benchmarks.peers_install import PEERS, install
+
+    for name in PEERS:
+        result = install(name)
+        if not result["cached"]:
+            say(f"peer {name}: " + ("installed" if result["ok"] else "install failed (see P2)")
+                + f" in {result['seconds']:.0f}s")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes (under three minutes)")
     parser.add_argument("--only", default="", help="comma-separated measures to run (p1,p2,p3,p3base); the others are "
-                                                   "taken from data/bench/latest.json and marked as such")
-    parser.add_argument("--table", action="store_true", help="only print the table of data/bench/latest.json")
+                                                   "taken from data/bench/latest.json (latest-quick.json with "
+                                                   "--quick) and marked as such")
+    parser.add_argument("--table", action="store_true", help="only print the table of data/bench/latest.json (latest-quick.json "
+                                                           "with --quick)")
     parser.add_argument("--commit-copy", action="store_true",
                         help="also write benchmarks/results/latest.json and latest.md")
+    parser.add_argument("--skip-peer-install", action="store_true",
+                        help="do not install the P2 peers first (make bench installs them before timing)")
     args = parser.parse_args(argv)
+    # a quick run keeps its own file, so it never replaces (or mixes into) the full run's figures
+    latest = BENCH_DIR / ("latest-quick.json" if args.quick else "latest.json")
     if args.table:
-        print(table(json.loads((BENCH_DIR / "latest.json").read_text())))
+        print(table(json.loads(latest.read_text())))
         return 0
-    started = time.monotonic()
     only = {x.strip() for x in args.only.split(",") if x.strip()} or None
+    if not args.skip_peer_install and (not only or "p2" in only):
+        _install_peers()
+    started = time.monotonic()
     results = run(args.quick, only)
     results["total_seconds"] = round(time.monotonic() - started, 1)
-    if only and (BENCH_DIR / "latest.json").exists():
-        previous = json.loads((BENCH_DIR / "latest.json").read_text())
+    if only and latest.exists():
+        previous = json.loads(latest.read_text())
         for name, value in previous.get("measures", {}).items():
             if name not in results["measures"]:
                 value["from_run_started_at"] = value.get("from_run_started_at") or previous.get("started_at")
@@ -263,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     BENCH_DIR.mkdir(parents=True, exist_ok=True)
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     body = json.dumps(results, indent=1, default=str)
-    for path in (BENCH_DIR / f"results-{results['mode']}-{stamp}.json", BENCH_DIR / "latest.json"):
+    for path in (BENCH_DIR / f"results-{results['mode']}-{stamp}.json", latest):
         path.write_text(body)
     note = ("\nQuick mode: small sizes, where fixed per-run costs (Dagster run, token check) dominate; the "
             "targets are for the full sizes (`make bench`).\n" if args.quick else "")
@@ -271,13 +291,13 @@ def main(argv: list[str] | None = None) -> int:
         note += (f"\nMeasures not re-run this time ({', '.join(sorted(set(results['measures']) - set(only or ())))}"
                  f") come from the run started {results['merged_from'][:16]}Z (commit {results.get('merged_commit', '?')}).\n")
     md = f"{text}\n{note}\n{facts_line(results)}; {results['total_seconds']:.0f} s in all.\n"
-    (BENCH_DIR / "latest.md").write_text(md)
-    if args.commit_copy:
+    latest.with_suffix(".md").write_text(md)
+    if args.commit_copy and not args.quick:
         (HERE / "results").mkdir(exist_ok=True)
         (HERE / "results" / "latest.json").write_text(body)
         (HERE / "results" / "latest.md").write_text(md)
     print(md)
-    print(f"figures: {BENCH_DIR / 'latest.json'}", file=sys.stderr)
+    print(f"figures: {latest}", file=sys.stderr)
     failed = [k for k, v in results["measures"].items() if "error" in v]
     return 1 if failed else 0
 

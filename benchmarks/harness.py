@@ -28,6 +28,8 @@ from resources.settings import PROJECT_ROOT, get_settings
 BENCH_DIR = PROJECT_ROOT / "data" / "bench"
 RUNS = 3
 
+#: the environment as it was when the benchmark modules were first imported (before ``OFFLINE_ENV``)
+STARTUP_ENV = dict(os.environ)
 #: outside hosts are unreachable for the benchmark and everything it starts
 OFFLINE_ENV = {"HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9",
                "http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9",

@@ -9,12 +9,13 @@ at run time, never inside their packages) points the Graph API host at the local
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from benchmarks.harness import BENCH_DIR
+from benchmarks.harness import BENCH_DIR, OFFLINE_ENV, STARTUP_ENV
 
 PEERS_DIR = BENCH_DIR / "peers"
 
@@ -32,6 +33,19 @@ def venv_dir(name: str) -> Path:
 
 def executable(name: str) -> Path:
     return venv_dir(name) / "bin" / PEERS[name][1]
+
+
+def _registry_env() -> dict[str, str]:
+    """The environment for pip: the proxy variables as they were when the benchmark started, without its
+    own dead proxy (``OFFLINE_ENV``, which keeps the peers' runs from reaching any real host), so pip
+    reaches the package registry as this machine is configured to."""
+    env = dict(os.environ)
+    for key in OFFLINE_ENV:
+        if key in STARTUP_ENV:
+            env[key] = STARTUP_ENV[key]
+        else:
+            env.pop(key, None)
+    return env
 
 
 def install(name: str, python: str | None = None, timeout: float = 1200) -> dict:
@@ -53,7 +67,8 @@ def install(name: str, python: str | None = None, timeout: float = 1200) -> dict
                 subprocess.run([python or sys.executable, "-m", "venv", str(venv)], check=True, stdout=out,
                                stderr=subprocess.STDOUT, timeout=300)
             subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "--disable-pip-version-check",
-                            "--quiet", requirement], check=True, stdout=out, stderr=subprocess.STDOUT, timeout=timeout)
+                            "--quiet", requirement], check=True, stdout=out, stderr=subprocess.STDOUT, timeout=timeout,
+                           env=_registry_env())
     except (subprocess.SubprocessError, OSError) as exc:
         tail = log.read_text(errors="replace")[-1500:] if log.exists() else ""
         return {"ok": False, "cached": False, "seconds": time.monotonic() - started, "requirement": requirement,
