@@ -2,8 +2,9 @@
 
 Every form field, query parameter and JSON member the portal reads is a string (or a simple scalar).
 Operator objects — ``{"$ne": null}`` in a JSON body, ``email[$ne]=`` in a form, keys starting with
-``$``, nested objects or lists where a string is expected — are refused with 400 before any view runs,
-so nothing can reach a store query or be written. Views that must accept structured bodies (e.g. a
+``$``, nested objects or lists where a string is expected, and a form field sent more than once
+(``email=a&email=b``, which would otherwise silently mean its first value) — are refused with 400
+before any view runs, so nothing can reach a store query or be written. Views that must accept structured bodies (e.g. a
 platform's signed webhook) opt out with ``@accepts_structured_body``.
 """
 from __future__ import annotations
@@ -29,6 +30,15 @@ def accepts_structured_body(view: Callable) -> Callable:
 def bad_field_name(name: str) -> bool:
     """True for names used to smuggle operators or nesting: ``$ne``, ``email[$ne]``, ``a[b]``."""
     return name.startswith("$") or "[" in name or "]" in name or "\x00" in name
+
+
+def repeated_field(form) -> str | None:
+    """The first field name of a form body (a werkzeug ``MultiDict``) that carries more than one
+    value, or None when every field is sent once."""
+    for name, values in form.lists():
+        if len(values) > 1:
+            return name
+    return None
 
 
 def json_problem(data: Any) -> str | None:
@@ -64,4 +74,9 @@ def init_input_guard(app: Flask) -> None:
                 abort(400, description=f"{problem} {REFUSED}")
         elif any(bad_field_name(name) for name in request.form.keys()):
             abort(400, description=REFUSED)
+        else:
+            repeated = repeated_field(request.form)
+            if repeated is not None:
+                abort(400, description=f"The field “{repeated[:40]}” was sent more than once; send each "
+                                       f"field once. {REFUSED}")
         return None

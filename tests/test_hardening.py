@@ -127,6 +127,51 @@ def test_operator_keys_in_forms_and_queries_refused(portal, db):
     assert portal.get("/dashboard", allow_redirects=False).status_code == 302
 
 
+def _repeated(portal, page: str, action: str, fields: list[tuple[str, str]]):
+    """Post the form of ``page`` whose action contains ``action`` with ``fields`` (repeats allowed)."""
+    token = portal.csrf_from(page, action)
+    return portal.http.post(portal.abs(action), data=[("csrf_token", token), *fields], allow_redirects=False)
+
+
+def test_repeated_form_fields_refused(portal, db):
+    """``email=a&email=b`` is refused with 400 naming the field, on every auth/account form, and
+    nothing is written (before, the first value was silently used)."""
+    other = "b@example.com"
+    response = _repeated(portal, "/signup", "/signup", [
+        ("email", "ann@example.com"), ("email", other), ("password", PASSWORD), ("password_confirm", PASSWORD)])
+    assert response.status_code == 400
+    assert "The field “email” was sent more than once; send each field once." in response.text
+    assert db.users.count_documents({}) == 0
+
+    portal.signup("ann@example.com")
+    connect_fake(portal)
+    before = snapshot(db)
+    hash_before = db.users.find_one({})["password_hash"]
+    for action, fields, name in [
+        ("/account/password", [("current_password", PASSWORD), ("new_password", "a new long passphrase"),
+                               ("new_password", "another passphrase!"),
+                               ("new_password_confirm", "a new long passphrase")], "new_password"),
+        ("/account/delete", [("password", "not my password"), ("password", PASSWORD)], "password"),
+    ]:
+        response = _repeated(portal, "/account", action, fields)
+        assert response.status_code == 400, (action, response.status_code)
+        assert f"The field “{name}” was sent more than once" in response.text
+    response = _repeated(portal, "/connections", "/connections/fake/disconnect", [("purge", "0"), ("purge", "1")])
+    assert response.status_code == 400 and "“purge” was sent more than once" in response.text
+    assert snapshot(db) == before  # still connected, not deleted
+    assert db.users.find_one({})["password_hash"] == hash_before
+    assert portal.get("/dashboard", allow_redirects=False).status_code == 200  # still logged in
+
+    portal.logout()
+    for fields, name in [([("email", "ann@example.com"), ("email", other), ("password", PASSWORD)], "email"),
+                         ([("email", "ann@example.com"), ("password", PASSWORD), ("password", "x")], "password")]:
+        response = _repeated(portal, "/login", "/login", fields)
+        assert response.status_code == 400
+        assert f"The field “{name}” was sent more than once" in response.text
+        assert portal.get("/dashboard", allow_redirects=False).status_code == 302  # not logged in
+    assert portal.login("ann@example.com").status_code == 200  # one value per field still works
+
+
 def test_emails_normalised():
     assert normalize_email("  Ann@Example.COM ") == "ann@example.com"
     assert normalize_email("ａｎｎ@ｅｘａｍｐｌｅ.com") == "ann@example.com"  # full-width forms (NFKC)
