@@ -668,3 +668,31 @@ def test_google_disconnect_removes_token(google_portal, db):
     assert response.status_code == 200
     assert "google" not in db.users.find_one({})["oauth"]
     assert re.search(r'data-platform="google" data-status="not_connected"', response.text)
+
+
+def test_meta_cancel_returns_the_state_and_is_access_denied_400(google_portal, db):
+    """The Meta sandbox's Cancel answers like Facebook: ``error=access_denied`` with the request's
+    ``state``; the portal says access was denied (400) and stores nothing."""
+    portal = google_portal
+    portal.signup("ann@example.com")
+    response = portal.submit("/connections", "/connections/meta/connect", allow_redirects=False)
+    assert response.status_code == 302, response.text
+    dialog_url = response.headers["Location"]
+    sent_state = query_of(dialog_url)["state"]
+    assert sent_state and query_of(dialog_url)["redirect_uri"] == f"{portal.url}/connections/meta/callback"
+    dialog = portal.http.get(dialog_url)
+    assert dialog.status_code == 200, dialog.text
+    form = parse_forms(dialog.text)[0]
+    assert {b["value"] for b in form.buttons} == {"allow", "deny"}
+    answer = portal.http.post(requests.compat.urljoin(dialog_url, form.action),
+                              data={**form.fields, "decision": "deny"}, allow_redirects=False)
+    assert answer.status_code == 302, answer.text
+    callback = answer.headers["Location"]
+    assert callback.startswith(f"{portal.url}/connections/meta/callback?")
+    query = query_of(callback)
+    assert query["error"] == "access_denied" and query["error_reason"] == "user_denied"
+    assert query["state"] == sent_state
+    response = portal.http.get(callback)
+    assert response.status_code == 400
+    assert "access was denied" in response.text
+    assert db.users.find_one({}).get("oauth") == {}
