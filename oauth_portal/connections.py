@@ -18,6 +18,7 @@ from flask_login import current_user, login_required
 from oauth_portal.core import portal_state, utc_from_epoch
 from resources.platforms.base import OAuthCallbackError, PlatformError
 from resources.repositories import CONNECTED, NEEDS_REAUTH, CampaignRepository
+from resources.wording import count_of
 
 bp = Blueprint("connections", __name__, url_prefix="/connections")
 log = logging.getLogger(__name__)
@@ -42,13 +43,13 @@ def _humanize_delta(moment: dt.datetime | None, now: dt.datetime) -> str:
     past = seconds < 0
     seconds = abs(seconds)
     if seconds < 90:
-        text = f"{seconds} seconds"
+        text = count_of(seconds, "second")
     elif seconds < 90 * 60:
-        text = f"{seconds // 60} minutes"
+        text = count_of(seconds // 60, "minute")
     elif seconds < 36 * 3600:
-        text = f"{seconds // 3600} hours"
+        text = count_of(seconds // 3600, "hour")
     else:
-        text = f"{seconds // 86400} days"
+        text = count_of(seconds // 86400, "day")
     return f"{text} ago" if past else f"in {text}"
 
 

@@ -18,6 +18,8 @@ from typing import Any
 from bson import ObjectId
 from pymongo.database import Database
 
+from resources.wording import count_of
+
 #: statuses of a request that has not finished yet
 PENDING = ("requested", "queued", "running")
 
@@ -101,8 +103,8 @@ def describe(doc: dict[str, Any] | None, connection: dict[str, Any] | None, plat
     elif state == "running":
         message = f"Sync of {platform_name} is running."
     elif state == "success":
-        counted = ", ".join(f"{v:,} {k.replace('_', ' ')}" for k, v in rows.items()
-                            if k in ("campaigns", "metric_rows") and isinstance(v, int))
+        counted = ", ".join(count_of(v, {"campaigns": "campaign", "metric_rows": "metric row"}[k])
+                            for k, v in rows.items() if k in ("campaigns", "metric_rows") and isinstance(v, int))
         message = f"Sync of {platform_name} finished." + (f" {counted}." if counted else "")
     elif state == "cancelled":
         message = (f"The {platform_name} sync was cancelled in Dagster before it finished. Nothing already saved "

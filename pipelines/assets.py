@@ -26,6 +26,7 @@ from resources.platforms.registry import connector_class
 from resources.repositories import parse_user_id
 from resources.store import metrics_collection
 from resources.store.resource import MongoStoreResource
+from resources.wording import count_of
 from pipelines.sync import (ConnectionNeedsReauth, NotConnected, describe_rate_limit, refresh_connection,
                             sync_connection)
 
@@ -160,7 +161,7 @@ def token_materialization(platform_id: str, store: MongoStoreResource, user_id, 
     except RateLimited as exc:
         raise Failure(description=describe_rate_limit(exc), allow_retries=False) from None
     log.info(f"{connector.display_name} token {'refreshed' if outcome.refreshed else 'still valid'}; "
-             f"{outcome.accounts} accounts reachable")
+             f"{count_of(outcome.accounts, 'account')} reachable")
     return MaterializeResult(metadata={
         "status": "connected",
         "refreshed": outcome.refreshed,

@@ -32,6 +32,7 @@ from pipelines.assets import (RETRY_POLICY, PlatformDefinitions, campaigns_mater
 from resources.platforms.base import TransientPlatformError
 from resources.repositories import parse_user_id
 from resources.store.resource import MongoStoreResource
+from resources.wording import count_of
 
 
 class SyncBatchConfig(Config):
@@ -89,7 +90,7 @@ def run_batch(context: OpExecutionContext, platform_id: str, store: MongoStoreRe
     for round_number in range(RETRY_POLICY.max_retries + 1):
         if round_number:
             delay = _retry_delay(round_number)
-            context.log.info(f"retry round {round_number}: {len(pending)} connections after {delay:.0f}s")
+            context.log.info(f"retry round {round_number}: {count_of(len(pending), 'connection')} after {delay:.0f}s")
             sleep(delay)
         transient: list[str] = []
         for key in pending:
@@ -120,7 +121,7 @@ def run_batch(context: OpExecutionContext, platform_id: str, store: MongoStoreRe
             break
         pending = transient
     summary = {"synced": synced, "failed": failed}
-    context.log.info(f"{platform_id}: {len(synced)} connections synced, {len(failed)} failed")
+    context.log.info(f"{platform_id}: {count_of(len(synced), 'connection')} synced, {len(failed)} failed")
     if failed:
         lines = "\n".join(f"- {key}: {error[:300]}" for key, error in sorted(failed.items()))
         raise Failure(description=f"{len(failed)} of {total} {platform_id} "

@@ -28,6 +28,7 @@ from pipelines.assets import PlatformDefinitions, sync_job_name
 from pipelines.batches import batch_op_name
 from resources.repositories import CONNECTED, UserRepository, parse_user_id, utcnow
 from resources.store.resource import MongoStoreResource
+from resources.wording import count_of
 
 SENSOR_INTERVAL_SECONDS = 15
 #: Dagster guidance: at most ~25,000 partition add/delete requests per evaluation
@@ -78,7 +79,7 @@ def build_connections_sensor(platform: PlatformDefinitions):
         if to_delete:
             requests.append(platform.partitions.build_delete_request(to_delete))
         if not requests and not run_requests:
-            return SensorResult(skip_reason=SkipReason(f"{len(wanted)} {pid} connections, no change"),
+            return SensorResult(skip_reason=SkipReason(f"{count_of(len(wanted), pid + ' connection')}, no change"),
                                 cursor=newest or None)
         context.log.info(f"{pid}: +{len(to_add)} / -{len(to_delete)} partitions, {len(run_requests)} initial syncs")
         return SensorResult(run_requests=run_requests, dynamic_partitions_requests=requests,

@@ -24,6 +24,7 @@ from resources.platforms.base import (Account, Connector, PlatformError, RateLim
 from resources.repositories import (NEEDS_REAUTH, CampaignRepository, UpsertResult, UserRepository,
                                     utcnow)
 from resources.sync_state import AccountState, DayDigests
+from resources.wording import count_of
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +225,7 @@ def sync_connection(db: Database, cipher: TokenCipher, connector: Connector, use
                 outcomes.append(AccountOutcome(account.id, account.currency, start, end, campaigns_result,
                                                load.result, load.rows, load.deleted, load.describe()))
                 say(f"account {index}/{len(syncable)} {account.id} ({account.currency}): "
-                    f"{len(campaign_docs)} campaigns, {load.rows} metric rows {start}..{end} "
+                    f"{count_of(len(campaign_docs), 'campaign')}, {count_of(load.rows, 'metric row')} {start}..{end} "
                     f"({load.describe()}), written {campaigns_result.written + load.result.written}, "
                     f"removed {load.deleted}")
                 if campaigns_result.written or load.result.written or load.deleted:
