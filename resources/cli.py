@@ -5,6 +5,7 @@
     unified-ads portal           run the portal (development server)
     unified-ads demo [--once]    everything together; --once runs the headless end-to-end check
     unified-ads rotate-keys      re-encrypt every stored token under the newest key
+                                 (from TOKEN_ENCRYPTION_KEYS, else the key file data/token.keys)
 """
 from __future__ import annotations
 
@@ -24,7 +25,12 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--once", action="store_true", help="sign up, connect, sync through Dagster, verify, exit")
     demo.add_argument("--portal-port", type=int, default=5000)
     demo.add_argument("--dagster-port", type=int, default=3000)
-    sub.add_parser("rotate-keys", help="re-encrypt stored tokens under the newest TOKEN_ENCRYPTION_KEYS key")
+    sub.add_parser(
+        "rotate-keys", help="re-encrypt stored tokens under the newest key (TOKEN_ENCRYPTION_KEYS or data/token.keys)",
+        description="Re-encrypt every stored token under the newest key. The keys come from "
+                    "TOKEN_ENCRYPTION_KEYS (comma-separated, newest first) when it is set, else from the key "
+                    "file <DATA_DIR>/token.keys (default data/token.keys; one key per line, newest first). "
+                    "Put the new key first in whichever of the two you use, run this, then drop the old key.")
     args = parser.parse_args(argv)
     from resources.settings import ConfigurationError
 

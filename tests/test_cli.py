@@ -193,3 +193,11 @@ def test_portal_does_not_warn_when_the_base_url_names_its_port(start_portal, tmp
         cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == [f"('http://localhost:{port}', None)", "True"]
+
+
+def test_rotate_keys_help_names_both_key_sources(tmp_path):
+    for args in (["rotate-keys", "--help"], ["--help"]):
+        result = run_cli(args, tmp_path)
+        assert result.returncode == 0, result.stderr
+        text = " ".join(result.stdout.split())  # argparse wraps lines
+        assert "TOKEN_ENCRYPTION_KEYS" in text and "data/token.keys" in text, text
