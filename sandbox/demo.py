@@ -40,6 +40,9 @@ concurrency:
     default_limit: 2
 run_monitoring:
   enabled: true
+  # a run whose process was killed never gives back its pool slots itself: the daemon frees them this
+  # long after the run is marked ended, so later runs of that platform do not queue forever
+  free_slots_after_run_end_seconds: 15
 """
 
 

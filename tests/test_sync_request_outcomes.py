@@ -17,21 +17,26 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import os
 import signal
 import subprocess
 import sys
 import time
 import uuid
+from types import SimpleNamespace
 
 import pytest
+import yaml
 from dagster import (DagsterEventType, DagsterRunStatus, SensorEvaluationContext, build_sensor_context,
                      instance_for_test)
+from dagster._daemon.monitoring.concurrency import execute_concurrency_slots_iteration
 
 from pipelines.definitions import build_definitions
 from resources.repositories import UserRepository
 from resources.settings import PROJECT_ROOT
 from resources.store.resource import MongoStoreResource
+from sandbox.demo import DAGSTER_YAML
 from test_pipelines import PID, connect_user, google, portal, tick  # noqa: F401 (fixtures)
 
 RUN_STATUS_SENSORS = ("sync_request_started_sensor", "sync_request_success_sensor", "sync_request_failure_sensor",
@@ -44,8 +49,10 @@ def dagster(settings):
     environment, so ``dagster job launch`` in a child process uses the same instance). Runs are
     launched at once (no queue: no daemon runs here) by the default run launcher."""
     defs, _platforms = build_definitions(MongoStoreResource(database=settings.mongodb_db))
-    coordinator = {"run_coordinator": {"module": "dagster._core.run_coordinator", "class": "DefaultRunCoordinator"}}
-    with instance_for_test(overrides=coordinator) as instance:
+    # the demo's instance settings (pools, run monitoring), with runs launched at once
+    overrides = {key: value for key, value in yaml.safe_load(DAGSTER_YAML).items() if key != "telemetry"}
+    overrides["run_coordinator"] = {"module": "dagster._core.run_coordinator", "class": "DefaultRunCoordinator"}
+    with instance_for_test(overrides=overrides) as instance:
         yield defs, instance
 
 
@@ -257,3 +264,14 @@ def test_cancelled_and_killed_runs_end_their_requests_and_the_retrying_status(po
                                  "Dagster). Nothing already saved was lost; press Sync now to try again.")
     assert UserRepository(db).connection(user_id, PID)["sync"]["last_status"] == "failed"
     assert dt.datetime.now(dt.timezone.utc) - doc["finished_at"] < dt.timedelta(minutes=5)
+
+    # the killed run still holds its google_api pool slot; the daemon's slot monitor (run with the
+    # demo's settings) gives it back once the run has been over free_slots_after_run_end_seconds, so
+    # later runs of the platform do not queue forever
+    pool = f"{PID}_api"
+    assert run.run_id in instance.event_log_storage.get_concurrency_info(pool).active_run_ids
+    wait = instance.run_monitoring_settings["free_slots_after_run_end_seconds"]
+    assert 0 < wait <= 60
+    time.sleep(wait + 1.5)
+    list(execute_concurrency_slots_iteration(SimpleNamespace(instance=instance), logging.getLogger("test")))
+    assert run.run_id not in instance.event_log_storage.get_concurrency_info(pool).active_run_ids
