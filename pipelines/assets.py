@@ -21,7 +21,8 @@ from dagster import (AssetCheckResult, AssetCheckSeverity, AssetCheckSpec, Asset
                      Backoff, Config, DynamicPartitionsDefinition, Failure, Jitter, MaterializeResult,
                      MetadataValue, RetryPolicy, asset, define_asset_job, in_process_executor)
 
-from resources.platforms.base import Connector, RateLimited, ReauthRequired, TransientPlatformError
+from resources.platforms.base import (Connector, PlatformError, RateLimited, ReauthRequired,
+                                      TransientPlatformError)
 from resources.platforms.registry import connector_class
 from resources.repositories import parse_user_id
 from resources.store import metrics_collection
@@ -160,6 +161,10 @@ def token_materialization(platform_id: str, store: MongoStoreResource, user_id, 
         raise _fail_reauth(connector, exc) from None
     except RateLimited as exc:
         raise Failure(description=describe_rate_limit(exc), allow_retries=False) from None
+    except TransientPlatformError:
+        raise
+    except PlatformError as exc:  # e.g. permission or configuration: retrying would not help
+        raise Failure(description=str(exc), allow_retries=False) from None
     log.info(f"{connector.display_name} token {'refreshed' if outcome.refreshed else 'still valid'}; "
              f"{count_of(outcome.accounts, 'account')} reachable")
     return MaterializeResult(metadata={
@@ -208,6 +213,9 @@ def campaigns_materialization(platform_id: str, store: MongoStoreResource, user_
     except TransientPlatformError as exc:
         users.record_sync(user_id, platform_id, status="retrying", error=str(exc))
         raise
+    except PlatformError as exc:  # e.g. permission or configuration: retrying would not help
+        users.record_sync(user_id, platform_id, status="failed", error=str(exc))
+        raise Failure(description=str(exc), allow_retries=False) from None
     users.record_sync(user_id, platform_id, status="success", rows=outcome.rows(), success=True)
     campaigns, metrics = outcome.campaigns, outcome.metrics
     starts = [a.start for a in outcome.accounts]

@@ -234,6 +234,25 @@ def test_revoked_grant_needs_reauth_without_retries_and_reconnect_syncs_again(po
     assert db.google_campaign_metrics.count_documents({"user_id": user["_id"]}) > 0
 
 
+def test_permission_denied_fails_the_run_at_once_without_retries(portal, db, google, dagster):
+    defs, platforms, instance = dagster
+    connect_user(portal, "denied@example.com")
+    user = UserRepository(db).find_by_email("denied@example.com")
+    user_id = str(user["_id"])
+    tick(defs, instance, "google_connections_sensor")
+    google.inject_fault("PERMISSION_DENIED", count=50)  # the Google user lost access to the accounts
+    result = run_sync(defs, platforms, instance, user_id)
+    google.reset()
+    assert not result.success
+    restarts = [e for e in instance.all_logs(result.run_id) if e.dagster_event and
+                e.dagster_event.event_type == DagsterEventType.STEP_RESTARTED]
+    assert restarts == []  # retrying would not give access back
+    failures = [e.dagster_event.step_failure_data.error.message for e in instance.all_logs(result.run_id)
+                if e.dagster_event and e.dagster_event.event_type == DagsterEventType.STEP_FAILURE]
+    assert len(failures) == 1 and "authorization_error.USER_PERMISSION_DENIED" in failures[0]
+    assert UserRepository(db).connection(user_id, PID)["status"] == CONNECTED  # reconnecting would not help
+
+
 def test_sensor_tracks_connections_and_schedules_request_one_run_per_partition(portal, db, dagster):
     defs, platforms, instance = dagster
     walkers = {email: connect_user(portal, email) for email in ("a@example.com", "b@example.com")}
