@@ -245,11 +245,13 @@ def campaigns_materialization(platform_id: str, store: MongoStoreResource, user_
 
 
 def _account_table(outcome) -> str:
-    lines = ["| account | currency | dates | campaigns written | metric rows | metric rows written | compared |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| account | currency | dates | campaigns written | metric rows read | metric rows inserted | "
+             "metric rows updated | metric rows deleted | compared |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for a in outcome.accounts:
         lines.append(f"| {a.account_id} | {a.currency} | {a.start}..{a.end} | {a.campaigns.written} | "
-                     f"{a.metric_rows} | {a.metrics.written} | {a.compared} |")
+                     f"{a.metric_rows} | {a.metrics.inserted} | {a.metrics.updated} | {a.metric_rows_deleted} | "
+                     f"{a.compared} |")
     return "\n".join(lines)
 
 

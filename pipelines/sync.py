@@ -12,6 +12,7 @@ import itertools
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
+from decimal import Decimal
 from typing import Any, Callable, Iterable
 from zoneinfo import ZoneInfo
 
@@ -227,7 +228,7 @@ def sync_connection(db: Database, cipher: TokenCipher, connector: Connector, use
                 say(f"account {index}/{len(syncable)} {account.id} ({account.currency}): "
                     f"{count_of(len(campaign_docs), 'campaign')}, {count_of(load.rows, 'metric row')} {start}..{end} "
                     f"({load.describe()}), written {campaigns_result.written + load.result.written}, "
-                    f"removed {load.deleted}")
+                    f"deleted {load.deleted}")
                 if campaigns_result.written or load.result.written or load.deleted:
                     _stop_if_gone(users, repo, user_id, connector)
             except RateLimited as exc:
@@ -375,7 +376,8 @@ def _stop_if_gone(users: UserRepository, repo: CampaignRepository, user_id: Obje
     raise NotConnected(f"user {user_id} disconnected {connector.display_name} during the sync")
 
 
-_ZERO_TOTALS = {"impressions": 0, "clicks": 0, "spend": None, "totals_from": None, "totals_to": None}
+#: totals of a campaign without stored days (``totals_from``/``totals_to`` None say so)
+_ZERO_TOTALS = {"impressions": 0, "clicks": 0, "spend": Decimal(0), "totals_from": None, "totals_to": None}
 
 
 def _campaign_totals(repo: CampaignRepository, user_id: ObjectId, account_id: str) -> dict[str, dict]:
