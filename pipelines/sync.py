@@ -11,7 +11,7 @@ import datetime as dt
 import itertools
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from decimal import Decimal
 from typing import Any, Callable, Iterable
 from zoneinfo import ZoneInfo
@@ -197,7 +197,8 @@ def sync_connection(db: Database, cipher: TokenCipher, connector: Connector, use
     outcomes: list[AccountOutcome] = []
     deferred: list[RateLimited] = []
     session = connector.open_session(token)
-    reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-read")
+    # one worker thread for what can overlap the platform's answers: store reads and row digests
+    background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sync-background")
     try:
         accounts = [Account.from_doc(a) for a in connection.get("accounts", [])]
         syncable = [a for a in accounts if session.syncable(a)]
@@ -207,9 +208,9 @@ def sync_connection(db: Database, cipher: TokenCipher, connector: Connector, use
                 start, end = sync_window(account, days, now)
                 synced_at = utcnow()
                 # read while the platform's rows stream in (the store answers from another process)
-                stored_campaigns = reader.submit(repo.stored_campaigns, user_id, account.id)
+                stored_campaigns = background.submit(repo.stored_campaigns, user_id, account.id)
                 load = _load_metrics(repo, user_id, account, session.fetch_daily_metrics(account, start, end),
-                                     start, end, synced_at, batch_size, states.get(account.id))
+                                     start, end, synced_at, batch_size, states.get(account.id), background)
                 stored_totals, campaign_hashes = stored_campaigns.result()
                 # unchanged rows leave the stored totals right; otherwise they are summed again
                 totals = _campaign_totals(repo, user_id, account.id) if load.changed else stored_totals
@@ -246,11 +247,13 @@ def sync_connection(db: Database, cipher: TokenCipher, connector: Connector, use
         users.mark_needs_reauth(user_id, connector.id, str(exc))
         raise
     finally:
-        reader.shutdown(wait=True)
+        background.shutdown(wait=True)
         session.close()
     return SyncOutcome(outcomes, session.stats.api_calls, first_sync, time.monotonic() - started)
 
 
+#: rows per digest task handed to the background worker
+DIGEST_CHUNK_ROWS = 500
 #: metric rows of one account's window held in memory while their day digests are compared with the
 #: stored ones; a longer window streams against the stored rows instead (memory stays bounded)
 DIGEST_BUFFER_ROWS = 25_000
@@ -287,11 +290,12 @@ class MetricsLoad:
 
 def _load_metrics(repo: CampaignRepository, user_id: ObjectId, account: Account, rows: Iterable[dict[str, Any]],
                   start: dt.date, end: dt.date, synced_at: dt.datetime, batch_size: int,
-                  state: AccountState | None) -> MetricsLoad:
+                  state: AccountState | None, background: ThreadPoolExecutor) -> MetricsLoad:
     """Load one account's metric rows of ``start``..``end`` (account-local dates).
 
-    With a valid ``sync_state`` for the account (``state``), the window's rows (up to ``DIGEST_BUFFER_ROWS``) are
-    held while their day digests are computed; days whose digest equals the stored one are left alone
+    With a valid ``sync_state`` for the account (``state``), the window's rows (up to
+    ``DIGEST_BUFFER_ROWS``) are held while ``background`` (a single-worker executor) computes their day
+    digests; days whose digest equals the stored one are left alone
     (no store read, no write), and only the other days are compared row by row and written. Without one
     (first sync, a crashed or concurrent sync, or a longer window), every row is streamed in batches of
     ``batch_size`` against the stored hashes of the window, read once. Either way the stored rows of a
@@ -304,12 +308,24 @@ def _load_metrics(repo: CampaignRepository, user_id: ObjectId, account: Account,
     rows = iter(rows)
     held: list[dict[str, Any]] = []
     if state is not None:
+        # rows are digested by ``background`` (one worker: chunks in arrival order) while this thread
+        # waits for the platform's next page or batch
+        chunks: list[Future] = []
+        chunk: list[dict[str, Any]] = []
         for row in rows:
-            digests.add(row)
-            held.append(row)
-            if len(held) >= DIGEST_BUFFER_ROWS:
-                break
+            chunk.append(row)
+            if len(chunk) >= DIGEST_CHUNK_ROWS:
+                chunks.append(background.submit(digests.add_all, chunk))
+                held.extend(chunk)
+                chunk = []
+                if len(held) >= DIGEST_BUFFER_ROWS:
+                    break
         else:
+            chunks.append(background.submit(digests.add_all, chunk))
+            held.extend(chunk)
+        for done in chunks:
+            done.result()
+        if len(held) < DIGEST_BUFFER_ROWS:
             changed = state.changed_days(digests, dates)
             if not changed:
                 return MetricsLoad(UpsertResult(unchanged=len(held)), len(held), 0, False, None, digests, [])

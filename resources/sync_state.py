@@ -55,6 +55,11 @@ class DayDigests:
         day[0] += 1
         day[1].update(repr(tuple(row.values())).encode())
 
+    def add_all(self, rows: Iterable[dict[str, Any]]) -> None:
+        """Count rows in their days, in order."""
+        for row in rows:
+            self.add(row)
+
     def digest(self, date: str) -> str:
         """``"<rows>:<hex digest>"`` of a day; ``EMPTY_DAY`` when it had no rows."""
         day = self._days.get(date)
