@@ -62,7 +62,7 @@ def _guard(results: dict, name: str, fn, *args, **kwargs):
     results[name]["measure_seconds"] = round(time.monotonic() - started, 1)
 
 
-def run(quick: bool, only: set[str] | None = None) -> dict[str, Any]:
+def run(quick: bool, only: set[str] | None = None, plain_loop: bool = True) -> dict[str, Any]:
     from benchmarks.measures import measure_p1_p4
     from benchmarks.peers import measure_p2
     from benchmarks.scale import measure_p3
@@ -96,7 +96,7 @@ def run(quick: bool, only: set[str] | None = None) -> dict[str, Any]:
                 return results
             _guard(measures, "p3", measure_p3, platforms, p3["users"], p3["campaigns"], p3["days"], RUNS,
                    max_runs=p3["max_runs"], batch_sizes=(p3["batch_size"],), budget_seconds=p3["budget_seconds"],
-                   plain_loop=p3["plain_loop"])
+                   plain_loop=p3["plain_loop"] and plain_loop)
             if p3["baseline_users"] and (not only or "p3base" in only):
                 _guard(measures, "p3_per_partition", measure_p3, platforms, p3["baseline_users"], p3["campaigns"],
                        p3["days"], 1, max_runs=p3["max_runs"], batch_sizes=(1,), plain_loop=False)
@@ -257,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
                                                            "with --quick)")
     parser.add_argument("--commit-copy", action="store_true",
                         help="also write benchmarks/results/latest.json and latest.md")
+    parser.add_argument("--skip-plain-loop", action="store_true",
+                        help="P3 without its informative no-Dagster comparison (saves ~10 minutes)")
     parser.add_argument("--skip-peer-install", action="store_true",
                         help="do not install the P2 peers first (make bench installs them before timing)")
     args = parser.parse_args(argv)
@@ -269,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_peer_install and (not only or "p2" in only):
         _install_peers()
     started = time.monotonic()
-    results = run(args.quick, only)
+    results = run(args.quick, only, plain_loop=not args.skip_plain_loop)
     results["total_seconds"] = round(time.monotonic() - started, 1)
     if only and latest.exists():
         previous = json.loads(latest.read_text())
