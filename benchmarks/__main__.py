@@ -279,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
             if name not in results["measures"]:
                 value["from_run_started_at"] = value.get("from_run_started_at") or previous.get("started_at")
                 results["measures"][name] = value
+        results["merged"] = sorted(name for name, value in results["measures"].items()
+                                   if value.get("from_run_started_at"))
         results["merged_from"] = previous.get("started_at")
         results["merged_commit"] = previous.get("machine", {}).get("git_commit")
     text = table(results)
@@ -290,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     note = ("\nQuick mode: small sizes, where fixed per-run costs (Dagster run, token check) dominate; the "
             "targets are for the full sizes (`make bench`).\n" if args.quick else "")
     if results.get("merged_from"):
-        note += (f"\nMeasures not re-run this time ({', '.join(sorted(set(results['measures']) - set(only or ())))}"
+        note += (f"\nMeasures not re-run this time ({', '.join(results.get('merged', []))}"
                  f") come from the run started {results['merged_from'][:16]}Z (commit {results.get('merged_commit', '?')}).\n")
     md = f"{text}\n{note}\n{facts_line(results)}; {results['total_seconds']:.0f} s in all.\n"
     latest.with_suffix(".md").write_text(md)
