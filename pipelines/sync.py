@@ -207,11 +207,14 @@ def sync_connection(db: Database, cipher: TokenCipher, connector: Connector, use
             try:
                 start, end = sync_window(account, days, now)
                 synced_at = utcnow()
-                # read while the platform's rows stream in (the store answers from another process)
-                stored_campaigns = background.submit(repo.stored_campaigns, user_id, account.id)
+                state = states.get(account.id)
+                # with day digests to compare, the rows are likely unchanged and the stored campaigns'
+                # totals will do: read them while the platform's rows stream in (the store answers from
+                # another process); without, the campaign upsert looks up only the fetched campaigns
+                stored_campaigns = background.submit(repo.stored_campaigns, user_id, account.id) if state else None
                 load = _load_metrics(repo, user_id, account, session.fetch_daily_metrics(account, start, end),
-                                     start, end, synced_at, batch_size, states.get(account.id), background)
-                stored_totals, campaign_hashes = stored_campaigns.result()
+                                     start, end, synced_at, batch_size, state, background)
+                stored_totals, campaign_hashes = stored_campaigns.result() if stored_campaigns else ({}, None)
                 # unchanged rows leave the stored totals right; otherwise they are summed again
                 totals = _campaign_totals(repo, user_id, account.id) if load.changed else stored_totals
                 campaign_docs = []
