@@ -265,10 +265,23 @@ def test_cancelled_and_killed_runs_end_their_requests_and_the_retrying_status(po
     assert UserRepository(db).connection(user_id, PID)["sync"]["last_status"] == "failed"
     assert dt.datetime.now(dt.timezone.utc) - doc["finished_at"] < dt.timedelta(minutes=5)
 
-    # the killed run still holds its google_api pool slot; the daemon's slot monitor (run with the
-    # demo's settings) gives it back once the run has been over free_slots_after_run_end_seconds, so
-    # later runs of the platform do not queue forever
+    # a run killed while its campaigns step runs keeps that step's google_api pool slot; the daemon's
+    # slot monitor (with the demo's settings) gives it back once the run has been over for
+    # free_slots_after_run_end_seconds, so later runs of the platform do not queue forever
+    google.reset()
+    _press_sync_now(walker, portal)
+    [request] = tick(defs, instance, "sync_requests_sensor").run_requests
+    google.set_latency(2.0)  # every Ads API call takes two seconds: the step is still running when killed
+    run = _LaunchedRun(instance, request)
+    launched.append(run)
     pool = f"{PID}_api"
+    run.wait("the campaigns step to hold a pool slot",
+             lambda: len(run.events(DagsterEventType.ASSET_MATERIALIZATION)) >= 1
+             and run.run_id in instance.event_log_storage.get_concurrency_info(pool).active_run_ids)
+    os.kill(run.pid(), signal.SIGKILL)
+    run.wait_for_status(DagsterRunStatus.FAILURE)
+    run.close()
+    google.reset()
     assert run.run_id in instance.event_log_storage.get_concurrency_info(pool).active_run_ids
     wait = instance.run_monitoring_settings["free_slots_after_run_end_seconds"]
     assert 0 < wait <= 60
