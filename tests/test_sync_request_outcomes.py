@@ -105,12 +105,20 @@ def _wait(what: str, predicate, timeout: float = 180.0, interval: float = 0.05):
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
-def test_failed_run_fails_the_request_with_dagster_failure(portal, db, google, dagster):
-    defs, instance = dagster
-    walker = connect_user(portal, "failing@example.com")
-    user_id = str(UserRepository(db).find_by_email("failing@example.com")["_id"])
+def _connected_and_watched(portal, db, defs, instance, email: str) -> tuple:
+    """A user connected to Google through the portal, its partition added by the connections sensor,
+    and the run-status sensors' cursors set (they only see runs that start later). Returns
+    ``(walker, user_id hex)``."""
+    walker = connect_user(portal, email)
+    user_id = str(UserRepository(db).find_by_email(email)["_id"])
     tick(defs, instance, "google_connections_sensor")
     _start_watching(defs, instance)
+    return walker, user_id
+
+
+def test_failed_run_fails_the_request_with_dagster_failure(portal, db, google, dagster):
+    defs, instance = dagster
+    walker, user_id = _connected_and_watched(portal, db, defs, instance, "failing@example.com")
 
     _press_sync_now(walker, portal)
     [request] = tick(defs, instance, "sync_requests_sensor").run_requests
@@ -219,10 +227,7 @@ def _launch_until_retrying(instance, google, db, request, user_id: str, launched
 def test_cancelled_and_killed_runs_end_their_requests_and_the_retrying_status(portal, db, google, dagster,
                                                                               launched):
     defs, instance = dagster
-    walker = connect_user(portal, "stopped@example.com")
-    user_id = str(UserRepository(db).find_by_email("stopped@example.com")["_id"])
-    tick(defs, instance, "google_connections_sensor")
-    _start_watching(defs, instance)
+    walker, user_id = _connected_and_watched(portal, db, defs, instance, "stopped@example.com")
 
     # ---- cancelled in Dagster (Terminate) while waiting to retry
     _press_sync_now(walker, portal)
