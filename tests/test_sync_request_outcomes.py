@@ -273,6 +273,7 @@ def test_cancelled_and_killed_runs_end_their_requests_and_the_retrying_status(po
     # a run killed while its campaigns step runs keeps that step's google_api pool slot; the daemon's
     # slot monitor (with the demo's settings) gives it back once the run has been over for
     # free_slots_after_run_end_seconds, so later runs of the platform do not queue forever
+    killed = [run.run_id]
     google.reset()
     _press_sync_now(walker, portal)
     [request] = tick(defs, instance, "sync_requests_sensor").run_requests
@@ -287,9 +288,11 @@ def test_cancelled_and_killed_runs_end_their_requests_and_the_retrying_status(po
     run.wait_for_status(DagsterRunStatus.FAILURE)
     run.close()
     google.reset()
-    assert run.run_id in instance.event_log_storage.get_concurrency_info(pool).active_run_ids
+    killed.append(run.run_id)
+    # (whether Dagster already gave a killed run's slot back when it marked the run failed depends on
+    # timing; the daemon's monitor must leave none held)
     wait = instance.run_monitoring_settings["free_slots_after_run_end_seconds"]
     assert 0 < wait <= 60
     time.sleep(wait + 1.5)
     list(execute_concurrency_slots_iteration(SimpleNamespace(instance=instance), logging.getLogger("test")))
-    assert run.run_id not in instance.event_log_storage.get_concurrency_info(pool).active_run_ids
+    assert not set(killed) & instance.event_log_storage.get_concurrency_info(pool).active_run_ids
