@@ -32,7 +32,7 @@ PLANS = {
                                                                  "platforms": ["google", "meta"]},
              "p2": {"campaigns": 100, "days": 30, "peer_runs": RUNS},
              "p3": {"users": 100, "campaigns": 50, "days": 30, "batch_size": 25, "max_runs": 4,
-                    "baseline_users": 10, "budget_seconds": 1200, "plain_loop": True}},
+                    "baseline_users": 10, "budget_seconds": 1500, "plain_loop": True}},
     "quick": {"p1": {"campaigns": 40, "days": 14, "sizes": {"shopify": {"campaigns": 20, "days": 14}}}, "memory": {"campaigns": 40, "days": (14, 140),
                                                                  "platforms": ["google"]},
               "p2": {"campaigns": 40, "days": 7, "peer_runs": 1},

@@ -50,6 +50,9 @@ class Settings(BaseSettings):
         token_refresh_margin_seconds: refresh an access token when it expires within this many seconds.
         schedule_batch_size: connections synced per scheduled Dagster run (1 = one run per connection;
             a deployment with many connections sets e.g. 25, see README "Performance").
+        embedded_store_cache_mb: page cache of the embedded store (H2) in MB; only used when the
+            project starts that store (``unified-ads store``, ``make demo``). See
+            ``resources.store.embedded.EmbeddedStore``.
     """
 
     model_config = SettingsConfigDict(env_file=_env_files(), env_file_encoding="utf-8", extra="ignore")
@@ -65,6 +68,7 @@ class Settings(BaseSettings):
     history_days: int = Field(default=90, ge=1, le=3650)
     token_refresh_margin_seconds: int = Field(default=600, ge=0)
     schedule_batch_size: int = Field(default=1, ge=1, le=1000)
+    embedded_store_cache_mb: int = Field(default=512, ge=16, le=65536)
 
     @field_validator("portal_base_url")
     @classmethod

@@ -70,7 +70,8 @@ class Services:
         if settings.mongodb_uri:
             _say("[store] using MONGODB_URI")
         else:
-            self.store = EmbeddedStore(self.data_dir, publish=True, log=_say)
+            self.store = EmbeddedStore(self.data_dir, publish=True, log=_say,
+                                       cache_mb=settings.embedded_store_cache_mb)
             env["MONGODB_URI"] = self.store.start()
         self.sandbox = SandboxServer(self.data_dir / "sandbox")
         self.sandbox.start()

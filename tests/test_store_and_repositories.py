@@ -122,8 +122,11 @@ def test_embedded_store_persists_and_leaves_no_process(tmp_path):
         client.app.things.insert_many([{"n": i} for i in range(10)])
     store.stop()
     assert proc.poll() is not None, "the Java process must be gone after stop()"
-    with EmbeddedStore(tmp_path, db_file=db_file) as again, MongoClient(again.uri) as client:
+    with EmbeddedStore(tmp_path, db_file=db_file, cache_mb=64) as again, MongoClient(again.uri) as client:
         assert client.app.things.count_documents({}) == 10
+    # the page cache the store was asked for (EMBEDDED_STORE_CACHE_MB) is the one it opened the file with
+    log = (tmp_path / "store" / "server.log").read_text()
+    assert "page cache 512 MB" in log and log.rstrip().count("page cache 64 MB") == 1
 
 
 def test_money_display_follows_the_currency_minor_units():
