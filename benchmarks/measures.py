@@ -121,7 +121,7 @@ def connect_one(platform_id: str, portal: Portal, db_name: str, label: str) -> C
 
 
 #: fetch-only / re-sync alternations per P4 run (their mean is the run's figure for each side)
-P4_PAIRS = 3
+P4_PAIRS = 6
 
 
 # ---- P1 + P4 ---------------------------------------------------------------------------------------

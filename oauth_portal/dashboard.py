@@ -51,7 +51,15 @@ def format_ratio(value: Decimal | None, places: int = 2, suffix: str = "") -> st
 
 
 def _arg(name: str) -> str:
-    value = request.args.get(name, "")
+    """One query-string value, stripped (``""`` when absent).
+
+    Raises:
+        werkzeug.exceptions.BadRequest: the name appears more than once (which one was meant is unclear).
+    """
+    values = request.args.getlist(name)
+    if len(values) > 1:
+        abort(400, description=f"“{name}” is given {len(values)} times in the address; give it once.")
+    value = values[0] if values else ""
     return value.strip() if isinstance(value, str) else ""
 
 

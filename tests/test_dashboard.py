@@ -118,8 +118,10 @@ def test_columns_totals_sorting_and_filters(portal, db):
     narrow = portal.get(f"/dashboard?start={day(2)}&end={day(2)}").text
     assert totals_of(narrow) == {"EUR": ("1.01", "4", "400"), "JPY": ("0", "0", "0")}
 
-    for bad in ("sort=password_hash", "dir=sideways", "page=-x", "start=2026-13-01"):
+    for bad in ("sort=password_hash", "dir=sideways", "page=-x", "start=2026-13-01", "sort=name&sort=spend"):
         assert portal.get(f"/dashboard?{bad}").status_code == 400, bad
+    twice = portal.get("/dashboard?dir=asc&dir=desc")
+    assert twice.status_code == 400 and "“dir” is given 2 times" in twice.text
     assert "<script>" not in page and " style=" not in page  # the CSP allows neither
 
 
