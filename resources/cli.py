@@ -25,6 +25,10 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--once", action="store_true", help="sign up, connect, sync through Dagster, verify, exit")
     demo.add_argument("--portal-port", type=int, default=5000)
     demo.add_argument("--dagster-port", type=int, default=3000)
+    demo.add_argument("--dagster-log-level", default="warning",
+                      choices=("critical", "error", "warning", "info", "debug"),
+                      help="log level of dagster dev's webserver and daemon in this terminal (default warning: "
+                           "'info' adds a line per sensor tick; runs and their logs are in the Dagster UI either way)")
     sub.add_parser(
         "rotate-keys", help="re-encrypt stored tokens under the newest key (TOKEN_ENCRYPTION_KEYS or data/token.keys)",
         description="Re-encrypt every stored token under the newest key. The keys come from "
@@ -64,7 +68,8 @@ def _run(args) -> int:
     if args.command == "demo":
         from sandbox.demo import run_demo
 
-        return run_demo(once=args.once, portal_port=args.portal_port, dagster_port=args.dagster_port)
+        return run_demo(once=args.once, portal_port=args.portal_port, dagster_port=args.dagster_port,
+                        dagster_log_level=args.dagster_log_level)
     if args.command == "rotate-keys":
         return _rotate_keys()
     return 2

@@ -129,9 +129,11 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def run_demo(once: bool = False, portal_port: int = 5000, dagster_port: int = 3000) -> int:
+def run_demo(once: bool = False, portal_port: int = 5000, dagster_port: int = 3000,
+             dagster_log_level: str = "warning") -> int:
     """Entry point of ``unified-ads demo``; returns the process exit code. Ctrl-C or SIGTERM stops
-    every service it started (store, sandbox, portal, ``dagster dev``)."""
+    every service it started (store, sandbox, portal, ``dagster dev``). ``dagster_log_level`` is passed
+    to ``dagster dev --log-level`` (its default, ``info``, prints a line per sensor tick)."""
     signal.signal(signal.SIGINT, _interrupt)  # also when started in the background with SIGINT ignored
     signal.signal(signal.SIGTERM, _interrupt)
     settings = get_settings()
@@ -164,12 +166,12 @@ def run_demo(once: bool = False, portal_port: int = 5000, dagster_port: int = 30
     try:
         if once:
             return run_once(services)
-        return run_interactive(services, dagster_port)
+        return run_interactive(services, dagster_port, dagster_log_level)
     finally:
         services.stop()
 
 
-def run_interactive(services: Services, dagster_port: int) -> int:
+def run_interactive(services: Services, dagster_port: int, log_level: str = "warning") -> int:
     """Demo user + ``dagster dev``; blocks until Ctrl-C."""
     from resources.store import ensure_indexes, get_database
 
@@ -180,7 +182,8 @@ def run_interactive(services: Services, dagster_port: int) -> int:
     venv_bin = Path(sys.executable).parent
     dagster = venv_bin / "dagster" if (venv_bin / "dagster").exists() else "dagster"
     proc = subprocess.Popen(
-        [str(dagster), "dev", "-w", str(PROJECT_ROOT / "workspace.yaml"), "-h", "127.0.0.1", "-p", str(dagster_port)],
+        [str(dagster), "dev", "-w", str(PROJECT_ROOT / "workspace.yaml"), "-h", "127.0.0.1", "-p", str(dagster_port),
+         "--log-level", log_level],
         cwd=PROJECT_ROOT, env=env, start_new_session=True,
     )
     portal = services.env["PORTAL_BASE_URL"]
@@ -191,7 +194,8 @@ def run_interactive(services: Services, dagster_port: int) -> int:
     _say(f"  Sandbox     {services.sandbox.base_url}   (offline Google/Meta/Shopify stand-ins)")
     _say(f"  Store       {os.environ.get('MONGODB_URI', '')}   database {get_settings().mongodb_db}")
     _say("  Connect a platform in the portal; the connections sensor starts the first sync within ~15 s.")
-    _say("  Ctrl-C stops everything.")
+    _say(f"  Ctrl-C stops everything.  (Dagster's own log lines here: {log_level} and above; "
+         "--dagster-log-level info shows more)")
     _say("=" * 72)
     try:
         while proc.poll() is None:
