@@ -55,7 +55,8 @@ class Settings(BaseSettings):
             ``resources.store.embedded.EmbeddedStore``.
     """
 
-    model_config = SettingsConfigDict(env_file=_env_files(), env_file_encoding="utf-8", extra="ignore")
+    model_config = SettingsConfigDict(env_file=_env_files(), env_file_encoding="utf-8", extra="ignore",
+                                      env_ignore_empty=True)
 
     mongodb_uri: str = ""
     mongodb_db: str = "unified_ads"
@@ -101,10 +102,32 @@ class Settings(BaseSettings):
         return f"{self.portal_base_url}/connections/{platform_id}/callback"
 
 
+def load_settings(settings_class: type[BaseSettings], env_prefix: str = ""):
+    """Instantiate a settings class from the environment and env files.
+
+    Raises:
+        ConfigurationError: a value is invalid; one line per variable, named as it is set
+            (``EMBEDDED_STORE_CACHE_MB: Input should be greater than or equal to 16``). The value
+            itself is never repeated (it may be a secret).
+    """
+    from pydantic import ValidationError
+
+    try:
+        return settings_class()
+    except ValidationError as exc:
+        problems = "; ".join(f"{(env_prefix + str(err['loc'][0])).upper() if err['loc'] else env_prefix or 'settings'}: "
+                             f"{err['msg']}" for err in exc.errors())
+        raise ConfigurationError(f"invalid setting — {problems} (environment or .env)") from None
+
+
 @functools.lru_cache(maxsize=1)
 def get_settings() -> Settings:
-    """The process-wide settings (read once). Call ``get_settings.cache_clear()`` after changing env."""
-    return Settings()
+    """The process-wide settings (read once). Call ``get_settings.cache_clear()`` after changing env.
+
+    Raises:
+        ConfigurationError: a setting is invalid (see ``load_settings``).
+    """
+    return load_settings(Settings)
 
 
 def read_or_create_secret_file(path: Path, factory) -> str:

@@ -201,3 +201,29 @@ def test_rotate_keys_help_names_both_key_sources(tmp_path):
         assert result.returncode == 0, result.stderr
         text = " ".join(result.stdout.split())  # argparse wraps lines
         assert "TOKEN_ENCRYPTION_KEYS" in text and "data/token.keys" in text, text
+
+
+def test_an_invalid_setting_is_one_error_line_naming_the_variable(tmp_path):
+    """A bad value stops the command before anything starts: one line naming the environment
+    variable and the rule, never the value (settings hold secrets); an empty value means the default."""
+    bad = run_cli(["store"], tmp_path, {"EMBEDDED_STORE_CACHE_MB": "0", "LOOKBACK_DAYS": GARBAGE_KEY})
+    line = assert_one_line_error(bad, "EMBEDDED_STORE_CACHE_MB: Input should be greater than or equal to 16")
+    assert "LOOKBACK_DAYS: Input should be a valid integer" in line
+    assert not (tmp_path / "store.uri").exists() and not (tmp_path / "store").exists()  # nothing started
+
+
+def test_invalid_connector_and_empty_settings(monkeypatch):
+    """A connector's settings fail the same way (named with the platform's prefix); an empty value
+    means the default."""
+    from resources.platforms.meta import MetaAdsConnector
+    from resources.settings import ConfigurationError, Settings
+
+    monkeypatch.setenv("META_PAGE_SIZE", GARBAGE_KEY)
+    with pytest.raises(ConfigurationError) as caught:
+        MetaAdsConnector()
+    assert "META_PAGE_SIZE: Input should be a valid integer" in str(caught.value)
+    assert GARBAGE_KEY not in str(caught.value)
+    monkeypatch.setenv("META_PAGE_SIZE", "")
+    assert MetaAdsConnector().settings.page_size == 500
+    monkeypatch.setenv("EMBEDDED_STORE_CACHE_MB", "")
+    assert Settings().embedded_store_cache_mb == 512

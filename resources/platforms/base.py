@@ -154,7 +154,12 @@ class Connector:
     connect_form_fields: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, settings=None):
-        self.settings = settings if settings is not None else self.settings_class()()
+        if settings is None:
+            from resources.settings import load_settings
+
+            cls = self.settings_class()
+            settings = load_settings(cls, str(cls.model_config.get("env_prefix") or ""))
+        self.settings = settings
 
     # ---- configuration -------------------------------------------------------------------------
     @classmethod
@@ -260,7 +265,7 @@ def settings_config(env_prefix: str):
     from resources.settings import _env_files
 
     return SettingsConfigDict(env_prefix=env_prefix, env_file=_env_files(), env_file_encoding="utf-8",
-                              extra="ignore")
+                              extra="ignore", env_ignore_empty=True)
 
 
 def micros_to_decimal(micros: int | None) -> Decimal | None:
