@@ -4,7 +4,7 @@
 // answer from a unique index scan the whole collection, and with a cache smaller than the collection
 // every scan reads and decodes its pages again; capped at half the JVM's maximum heap.
 // Announces MongoDB 5.0.0 / wire version 13 so pymongo 4.x accepts the server (see shared store.md).
-// Prints "READY <host>:<port>" on stdout once it accepts connections; exits when stdin closes or on SIGTERM.
+// Prints "READY <host>:<port> cache <MB> MB" (the page cache in effect) on stdout once it accepts connections; exits when stdin closes or on SIGTERM.
 import de.bwaldvogel.mongo.MongoServer;
 import de.bwaldvogel.mongo.MongoVersion;
 import de.bwaldvogel.mongo.backend.AbstractMongoBackend;
@@ -35,7 +35,7 @@ public class EmbeddedMongo {
             server.shutdown();
             backend.close();
         }));
-        System.out.println("READY " + host + ":" + port);
+        System.out.println("READY " + host + ":" + port + " cache " + cacheMb + " MB");
         System.out.flush();
         // Exit when the parent closes our stdin (it died or asked us to stop).
         boolean watchStdin = args.length <= 3 || !"--no-stdin-watch".equals(args[3]);

@@ -90,6 +90,7 @@ class EmbeddedStore:
         self.publish = publish
         self.log = log
         self.cache_mb = cache_mb
+        self.cache_in_effect = ""  # "cache <MB> MB" as the server reports it (capped by its heap)
         self.process: subprocess.Popen | None = None
         self.uri = ""
 
@@ -117,6 +118,8 @@ class EmbeddedStore:
         def _watch_stdout():
             for line in self.process.stdout:
                 if line.startswith(b"READY"):
+                    words = line.decode(errors="replace").split()
+                    self.cache_in_effect = " ".join(words[2:5]) if len(words) >= 5 else "cache ?"
                     ready.set()
             ready.set()
 
@@ -130,7 +133,7 @@ class EmbeddedStore:
                 self.port = port
                 if self.publish:
                     (self.data_dir / "store.uri").write_text(self.uri + "\n")
-                self.log(f"[store] mongo-java-server on {self.uri} (data: {self.db_file})")
+                self.log(f"[store] mongo-java-server on {self.uri} (data: {self.db_file}; page {self.cache_in_effect})")
                 return self.uri
             time.sleep(0.1)
         self.stop()
@@ -195,12 +198,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"MONGODB_URI={store.uri}  (Ctrl-C to stop)")
 
+    stopping: list[int] = []
+
     def _interrupt(signum, frame):
-        raise KeyboardInterrupt
+        if not stopping:  # only the first signal interrupts; later ones must not cut the stop short
+            stopping.append(signum)
+            raise KeyboardInterrupt
 
     import signal
 
-    signal.signal(signal.SIGTERM, _interrupt)
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _interrupt)
     try:
         while store.process and store.process.poll() is None:
             time.sleep(1)
