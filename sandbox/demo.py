@@ -136,6 +136,7 @@ def run_demo(once: bool = False, portal_port: int = 5000, dagster_port: int = 30
     to ``dagster dev --log-level`` (its default, ``info``, prints a line per sensor tick)."""
     signal.signal(signal.SIGINT, _interrupt)  # also when started in the background with SIGINT ignored
     signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGHUP, _interrupt)  # the terminal closed or the ssh session dropped
     settings = get_settings()
     data_dir = settings.ensure_data_dir().resolve()
     busy = [f"{what} port {port} is in use (choose another with {flag})"
@@ -171,6 +172,26 @@ def run_demo(once: bool = False, portal_port: int = 5000, dagster_port: int = 30
         services.stop()
 
 
+def _stop_when_parent_dies(parent_pid: int):
+    """A ``preexec_fn`` asking Linux to send the child SIGINT (what our clean stop sends) when the demo
+    process dies without cleaning up (SIGKILL, a crash), so ``dagster dev`` and its daemon do not outlive
+    it. Without ``prctl`` (not Linux) it returns None. libc is loaded here, in the parent: between fork
+    and exec the child only makes system calls (the demo has threads running)."""
+    try:
+        import ctypes
+
+        prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    pr_set_pdeathsig, sigint = 1, int(signal.SIGINT)
+
+    def arrange() -> None:
+        prctl(pr_set_pdeathsig, sigint)
+        if os.getppid() != parent_pid:  # the demo died before prctl took effect
+            os.kill(os.getpid(), sigint)
+    return arrange
+
+
 def run_interactive(services: Services, dagster_port: int, log_level: str = "warning") -> int:
     """Demo user + ``dagster dev``; blocks until Ctrl-C."""
     from resources.store import ensure_indexes, get_database
@@ -181,10 +202,10 @@ def run_interactive(services: Services, dagster_port: int, log_level: str = "war
     env = {**os.environ, **services.env}
     venv_bin = Path(sys.executable).parent
     dagster = venv_bin / "dagster" if (venv_bin / "dagster").exists() else "dagster"
-    proc = subprocess.Popen(
+    proc = subprocess.Popen(  # its own session: Ctrl-C reaches it only through our clean stop below
         [str(dagster), "dev", "-w", str(PROJECT_ROOT / "workspace.yaml"), "-h", "127.0.0.1", "-p", str(dagster_port),
          "--log-level", log_level],
-        cwd=PROJECT_ROOT, env=env, start_new_session=True,
+        cwd=PROJECT_ROOT, env=env, start_new_session=True, preexec_fn=_stop_when_parent_dies(os.getpid()),
     )
     portal = services.env["PORTAL_BASE_URL"]
     _say("")
@@ -208,6 +229,7 @@ def run_interactive(services: Services, dagster_port: int, log_level: str = "war
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean-up short
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
         if proc.poll() is None:
             _say("stopping dagster dev (up to 30 s)…")
             os.killpg(proc.pid, signal.SIGINT)
