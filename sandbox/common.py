@@ -165,8 +165,18 @@ class FaultInjector:
 
     def inject(self, kind: str, count: int = 1, *, retry_delay: float | None = None, target: str = "api",
                **extra: Any) -> None:
+        """Queue ``count`` (1–1000) faults of ``kind`` for calls to ``target``.
+
+        Raises:
+            ValueError: ``count`` out of range (the knob answers 400).
+        """
+        count = int(count)
+        if not 1 <= count <= 1000:
+            raise ValueError(f"count must be between 1 and 1000, not {count}")
+        if retry_delay is not None and not 0 <= float(retry_delay) <= 3600:
+            raise ValueError("a retry delay must be between 0 and 3600 seconds")
         with self._lock:
-            for _ in range(max(0, int(count))):
+            for _ in range(count):
                 self._queue.append(Fault(kind=kind, retry_delay=retry_delay, target=target, extra=dict(extra)))
 
     def take(self, target: str = "api") -> Fault | None:
@@ -181,7 +191,15 @@ class FaultInjector:
             return sum(1 for f in self._queue if target is None or f.target == target)
 
     def set_latency(self, seconds: float) -> None:
-        self.latency = max(0.0, float(seconds))
+        """Delay every call by ``seconds`` (0–60).
+
+        Raises:
+            ValueError: out of range or not a number (the knob answers 400).
+        """
+        seconds = float(seconds)
+        if not 0 <= seconds <= 60:  # also refuses NaN
+            raise ValueError(f"latency must be between 0 and 60 seconds, not {seconds}")
+        self.latency = seconds
 
     def delay(self) -> None:
         if self.latency:
@@ -230,7 +248,32 @@ def redirect_allowed(allowed, redirect_uri: str) -> bool:
 
 
 def request_body() -> dict:
-    """The JSON or form body of an admin-knob request (``{}`` when empty)."""
+    """The JSON or form body of an admin-knob request (``{}`` when empty).
+
+    Raises:
+        ValueError: a body that is neither a JSON object nor a form (the knob answers 400).
+    """
     from flask import request
 
-    return request.get_json(silent=True) or request.form.to_dict() or {}
+    data = request.get_json(silent=True, force=True) if request.get_data() else {}
+    if isinstance(data, dict):
+        return data
+    form = request.form.to_dict()
+    if form:
+        return form
+    raise ValueError("the body must be a JSON object (or a form)")
+
+
+def admin_blueprint(name: str, url_prefix: str):
+    """A Flask blueprint for a platform's ``/_sandbox/<platform>`` knobs: a bad value (``ValueError``,
+    ``TypeError``) answers ``400 {"error": …}`` instead of a 500 page."""
+    from flask import Blueprint, jsonify
+
+    bp = Blueprint(name, __name__, url_prefix=url_prefix)
+
+    @bp.errorhandler(ValueError)
+    @bp.errorhandler(TypeError)
+    def _bad_value(exc):
+        return jsonify({"error": f"bad knob value: {exc}"}), 400
+
+    return bp

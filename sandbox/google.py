@@ -54,7 +54,7 @@ from urllib.parse import urlencode, urlsplit
 from flask import Blueprint, Response, jsonify, redirect, request
 
 from resources.platforms.base import batched
-from sandbox.common import (SHARED_CAMPAIGN_NAMES, FaultInjector, digest_units, read_state_file, redirect_allowed,
+from sandbox.common import (admin_blueprint, SHARED_CAMPAIGN_NAMES, FaultInjector, digest_units, read_state_file, redirect_allowed,
                             request_body, seeded_random, stable_int, write_state_file)
 
 log = logging.getLogger(__name__)
@@ -1464,7 +1464,7 @@ class GoogleSandbox:
 
     # ---- knobs (HTTP) --------------------------------------------------------------------------
     def _admin_blueprint(self) -> Blueprint:
-        bp = Blueprint("google_sandbox_admin", __name__, url_prefix="/_sandbox/google")
+        bp = admin_blueprint("google_sandbox_admin", "/_sandbox/google")
 
         body = request_body
 

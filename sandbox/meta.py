@@ -84,7 +84,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from flask import Blueprint, Response, jsonify, redirect, request
 
-from sandbox.common import (SHARED_CAMPAIGN_NAMES, FaultInjector, digest_units, read_state_file, redirect_allowed,
+from sandbox.common import (admin_blueprint, SHARED_CAMPAIGN_NAMES, FaultInjector, digest_units, read_state_file, redirect_allowed,
                             request_body, seeded_random, stable_int, write_state_file)
 
 log = logging.getLogger(__name__)
@@ -1659,7 +1659,7 @@ class MetaSandbox:
         return redirect_allowed(self.redirect_uris, redirect_uri)
 
     def _admin_blueprint(self) -> Blueprint:
-        bp = Blueprint("meta_sandbox_admin", __name__, url_prefix="/_sandbox/meta")
+        bp = admin_blueprint("meta_sandbox_admin", "/_sandbox/meta")
 
         body = request_body
 

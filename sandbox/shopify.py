@@ -75,7 +75,7 @@ from urllib.parse import urlencode, urlsplit
 
 from flask import Blueprint, Response, jsonify, redirect, request
 
-from sandbox.common import (SHARED_CAMPAIGN_NAMES, FaultInjector, digest_units, read_state_file, redirect_allowed,
+from sandbox.common import (admin_blueprint, SHARED_CAMPAIGN_NAMES, FaultInjector, digest_units, read_state_file, redirect_allowed,
                             request_body, seeded_random, stable_int, write_state_file)
 
 log = logging.getLogger(__name__)
@@ -1568,7 +1568,7 @@ class ShopifySandbox:
 
     # ---- knobs (HTTP) --------------------------------------------------------------------------
     def _admin_blueprint(self) -> Blueprint:
-        bp = Blueprint("shopify_sandbox_admin", __name__, url_prefix="/_sandbox/shopify")
+        bp = admin_blueprint("shopify_sandbox_admin", "/_sandbox/shopify")
 
         body = request_body
 

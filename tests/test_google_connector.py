@@ -283,6 +283,18 @@ def test_http_fault_knob(connector, token, sandbox, knobs):
     with pytest.raises(RateLimited) as info:
         connector.list_accounts(token)
     assert info.value.retry_after == 3
+    # bad knob values answer 400 with a reason and queue nothing (every platform's knobs share this)
+    for url, bad in (("/_sandbox/google/faults", {"latency": "abc"}), ("/_sandbox/google/faults", {"latency": 1e9}),
+                     ("/_sandbox/google/faults", {"kind": "INTERNAL", "count": -1}),
+                     ("/_sandbox/google/restate", {"days": "x"}), ("/_sandbox/meta/faults", {"kind": "transient", "count": 0}),
+                     ("/_sandbox/shopify/faults", {"latency": -1})):
+        refused = requests.post(sandbox.base_url + url, json=bad, timeout=5)
+        assert refused.status_code == 400 and refused.json()["error"].startswith("bad knob value"), (url, bad)
+    not_json = requests.post(sandbox.base_url + "/_sandbox/google/faults", data="not json",
+                             headers={"Content-Type": "text/plain"}, timeout=5)
+    assert not_json.status_code == 400
+    knobs_now = requests.post(sandbox.base_url + "/_sandbox/google/faults", json={}, timeout=5).json()
+    assert knobs_now == {"pending": 0, "latency": 0.0}
     assert requests.post(sandbox.base_url + "/_sandbox/google/reset", timeout=5).status_code == 200
 
 
