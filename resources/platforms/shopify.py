@@ -361,7 +361,7 @@ class ShopifyConnector(Connector):
             raise OAuthCallbackError("the Shopify callback has no state; start the connection again")
         data = oauth_client.framework.get_state_data(session, state)
         if data is None:
-            raise OAuthCallbackError("the OAuth state does not match this session (forged or stale callback); "
+            raise OAuthCallbackError("The OAuth state does not match this session (forged or stale callback); "
                                      "start the connection again")
         oauth_client.framework.clear_state_data(session, state)
         if data.get("shop") != shop:
