@@ -120,18 +120,20 @@ def connect_one(platform_id: str, portal: Portal, db_name: str, label: str) -> C
     return Connection(platform_id, user_id, db_name, defs, platforms, instance)
 
 
-#: fetch-only / re-sync alternations per P4 run (their mean is the run's figure for each side)
+#: fetch-only / re-sync alternations per P4 run (their mean is the run's figure for each side); a
+#: quick run takes 2 (each side starts with a gc.collect(), ~0.2 s in a process with Dagster loaded)
 P4_PAIRS = 6
 
 
 # ---- P1 + P4 ---------------------------------------------------------------------------------------
 
 def measure_p1_p4(platform_id: str, campaigns: int, days: int, runs: int = RUNS,
-                  memory_days: tuple[int, int] | None = None) -> dict[str, Any]:
+                  memory_days: tuple[int, int] | None = None, p4_pairs: int = P4_PAIRS,
+                  memory_runs: int | None = None) -> dict[str, Any]:
     """P1: real path (token + campaigns assets through Dagster) vs the floor, ``runs`` times each.
     P4: the same connection re-synced with nothing changed (same window): modified documents and
     time, against reading the same rows only. Each P4 run times one whole Dagster re-sync, then
-    ``P4_PAIRS`` alternations of fetch-only and the asset's work (``sync_connection``), averaged per side."""
+    ``p4_pairs`` alternations of fetch-only and the asset's work (``sync_connection``), averaged per side."""
     from resources.crypto import TokenCipher
     from resources.settings import get_settings
     from resources.store import get_database
@@ -199,10 +201,10 @@ def measure_p1_p4(platform_id: str, campaigns: int, days: int, runs: int = RUNS,
                     result = conn.run_sync_job(days)
                 resync_job.append(t.seconds)
                 meta = materialization_metadata(result, f"{platform_id}_campaigns")
-                # the asset's work alone, alternated with fetch-only P4_PAIRS times and summed per side:
+                # the asset's work alone, alternated with fetch-only p4_pairs times and summed per side:
                 # single sub-second timings on this machine swing by ±30 %
                 fetch_s = body_s = 0.0
-                for _ in range(P4_PAIRS):
+                for _ in range(p4_pairs):
                     gc.collect()
                     with Timer() as t:
                         floors.fetch_only(db, cipher, platform_id, ObjectId(conn.user_id), days)
@@ -212,8 +214,8 @@ def measure_p1_p4(platform_id: str, campaigns: int, days: int, runs: int = RUNS,
                         outcome = sync_connection(db, cipher, get_connector(platform_id), ObjectId(conn.user_id),
                                                   lookback_days=days, history_days=days)
                     body_s += t.seconds
-                fetch_times[-1] = fetch_s / P4_PAIRS
-                resync_body.append(body_s / P4_PAIRS)
+                fetch_times[-1] = fetch_s / p4_pairs
+                resync_body.append(body_s / p4_pairs)
                 after = snapshot(db, platform_id, conn.user_id)
                 modified.append(modified_between(before, after))
                 say(f"P4 {platform_id} run {index + 1}/{runs}: fetch-only {fetch_times[-1]:.2f}s ({fetched} rows), "
@@ -230,7 +232,7 @@ def measure_p1_p4(platform_id: str, campaigns: int, days: int, runs: int = RUNS,
 
             # ---- memory: one materialization in a fresh process, short and long history ----
             if memory_days:
-                out["memory"] = measure_memory(db, conn, memory_days, runs)
+                out["memory"] = measure_memory(db, conn, memory_days, memory_runs or runs)
     finally:
         sandbox.stop()
     return out
