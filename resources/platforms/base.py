@@ -158,7 +158,7 @@ class Connector:
             from resources.settings import load_settings
 
             cls = self.settings_class()
-            settings = load_settings(cls, str(cls.model_config.get("env_prefix") or ""))
+            settings = load_settings(cls, str((getattr(cls, "model_config", None) or {}).get("env_prefix") or ""))
         self.settings = settings
 
     # ---- configuration -------------------------------------------------------------------------
