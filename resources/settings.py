@@ -71,6 +71,14 @@ class Settings(BaseSettings):
     schedule_batch_size: int = Field(default=1, ge=1, le=1000)
     embedded_store_cache_mb: int = Field(default=512, ge=16, le=65536)
 
+    @field_validator("mongodb_db")
+    @classmethod
+    def _database_name(cls, value: str) -> str:
+        # MongoDB's rules for database names (pymongo would only fail later, on first use)
+        if not value or len(value.encode()) >= 64 or any(c in value for c in '/\\. "$\x00'):
+            raise ValueError("a MongoDB database name has 1–63 bytes and none of / \\ . space \" $")
+        return value
+
     @field_validator("portal_base_url")
     @classmethod
     def _strip_slash(cls, value: str) -> str:

@@ -273,7 +273,8 @@ def admin_blueprint(name: str, url_prefix: str):
 
     @bp.errorhandler(ValueError)
     @bp.errorhandler(TypeError)
+    @bp.errorhandler(OverflowError)
     def _bad_value(exc):
-        return jsonify({"error": f"bad knob value: {exc}"}), 400
+        return jsonify({"error": f"bad knob value: {str(exc)[:200]}"}), 400
 
     return bp

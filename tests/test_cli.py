@@ -206,9 +206,11 @@ def test_rotate_keys_help_names_both_key_sources(tmp_path):
 def test_an_invalid_setting_is_one_error_line_naming_the_variable(tmp_path):
     """A bad value stops the command before anything starts: one line naming the environment
     variable and the rule, never the value (settings hold secrets); an empty value means the default."""
-    bad = run_cli(["store"], tmp_path, {"EMBEDDED_STORE_CACHE_MB": "0", "LOOKBACK_DAYS": GARBAGE_KEY})
+    bad = run_cli(["store"], tmp_path, {"EMBEDDED_STORE_CACHE_MB": "0", "LOOKBACK_DAYS": GARBAGE_KEY,
+                                        "MONGODB_DB": "bad db/name"})
     line = assert_one_line_error(bad, "EMBEDDED_STORE_CACHE_MB: Input should be greater than or equal to 16")
     assert "LOOKBACK_DAYS: Input should be a valid integer" in line
+    assert "MONGODB_DB: Value error, a MongoDB database name has 1–63 bytes" in line
     assert not (tmp_path / "store.uri").exists() and not (tmp_path / "store").exists()  # nothing started
 
 

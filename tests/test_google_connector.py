@@ -286,7 +286,8 @@ def test_http_fault_knob(connector, token, sandbox, knobs):
     # bad knob values answer 400 with a reason and queue nothing (every platform's knobs share this)
     for url, bad in (("/_sandbox/google/faults", {"latency": "abc"}), ("/_sandbox/google/faults", {"latency": 1e9}),
                      ("/_sandbox/google/faults", {"kind": "INTERNAL", "count": -1}),
-                     ("/_sandbox/google/restate", {"days": "x"}), ("/_sandbox/meta/faults", {"kind": "transient", "count": 0}),
+                     ("/_sandbox/google/restate", {"days": "x"}), ("/_sandbox/meta/restate", {"days": 1e9}),
+                     ("/_sandbox/meta/faults", {"kind": "transient", "count": 0}),
                      ("/_sandbox/shopify/faults", {"latency": -1})):
         refused = requests.post(sandbox.base_url + url, json=bad, timeout=5)
         assert refused.status_code == 400 and refused.json()["error"].startswith("bad knob value"), (url, bad)
