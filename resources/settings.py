@@ -71,6 +71,11 @@ class Settings(BaseSettings):
     schedule_batch_size: int = Field(default=1, ge=1, le=1000)
     embedded_store_cache_mb: int = Field(default=512, ge=16, le=65536)
 
+    @field_validator("mongodb_uri")
+    @classmethod
+    def _strip_uri(cls, value: str) -> str:
+        return value.strip()  # only spaces means "not set": the embedded store
+
     @field_validator("mongodb_db")
     @classmethod
     def _database_name(cls, value: str) -> str:

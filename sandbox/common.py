@@ -170,7 +170,9 @@ class FaultInjector:
         Raises:
             ValueError: ``count`` out of range (the knob answers 400).
         """
-        count = int(count)
+        if isinstance(count, bool) or (isinstance(count, float) and not count.is_integer()):
+            raise ValueError(f"count must be a whole number, not {count!r}")
+        count = int(count)  # also "3" from a form
         if not 1 <= count <= 1000:
             raise ValueError(f"count must be between 1 and 1000, not {count}")
         if retry_delay is not None and not 0 <= float(retry_delay) <= 3600:

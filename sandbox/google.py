@@ -1489,7 +1489,7 @@ class GoogleSandbox:
                                 "PERMISSION_DENIED", "DEADLINE_EXCEEDED"):
                     return _json({"error": f"unknown fault kind {kind}"}, 400)
                 delay = payload.get("retry_delay")
-                self.inject_fault(kind, int(payload.get("count", 1)),
+                self.inject_fault(kind, payload.get("count", 1),
                                   float(delay) if delay is not None else None, payload.get("target", "api"))
             return jsonify({"pending": self.faults.pending(), "latency": self.faults.latency})
 

@@ -1699,7 +1699,7 @@ class MetaSandbox:
                 if kind not in ("transient", "unknown", "http_500", "http_503", "rate_limit", "expired_token",
                                 "invalid_token", "permission", "async_failed"):
                     return jsonify({"error": f"unknown fault kind {kind}"}), 400
-                self.inject_fault(kind, int(payload.get("count", 1)), payload.get("target", "api"),
+                self.inject_fault(kind, payload.get("count", 1), payload.get("target", "api"),
                                   int(payload.get("regain_minutes", 0)))
             return jsonify({"pending": self.faults.pending(), "latency": self.faults.latency})
 

@@ -1583,7 +1583,7 @@ class ShopifySandbox:
                 if kind not in ("THROTTLED", "HTTP_429", "INTERNAL", "UNAVAILABLE"):
                     return _json({"error": f"unknown fault kind {kind}"}, 400)
                 retry = payload.get("retry_after")
-                self.inject_fault(kind, int(payload.get("count", 1)), float(retry) if retry is not None else None,
+                self.inject_fault(kind, payload.get("count", 1), float(retry) if retry is not None else None,
                                   payload.get("target", "api"))
             return jsonify({"pending": self.faults.pending(), "latency": self.faults.latency})
 

@@ -229,3 +229,5 @@ def test_invalid_connector_and_empty_settings(monkeypatch):
     assert MetaAdsConnector().settings.page_size == 500
     monkeypatch.setenv("EMBEDDED_STORE_CACHE_MB", "")
     assert Settings().embedded_store_cache_mb == 512
+    monkeypatch.setenv("MONGODB_URI", "  ")
+    assert Settings().mongodb_uri == ""  # only spaces: not set, the embedded store is used

@@ -288,6 +288,8 @@ def test_http_fault_knob(connector, token, sandbox, knobs):
                      ("/_sandbox/google/faults", {"kind": "INTERNAL", "count": -1}),
                      ("/_sandbox/google/restate", {"days": "x"}), ("/_sandbox/meta/restate", {"days": 1e9}),
                      ("/_sandbox/meta/faults", {"kind": "transient", "count": 0}),
+                     ("/_sandbox/google/faults", {"kind": "INTERNAL", "count": 1.5}),
+                     ("/_sandbox/shopify/faults", {"kind": "INTERNAL", "count": True}),
                      ("/_sandbox/shopify/faults", {"latency": -1})):
         refused = requests.post(sandbox.base_url + url, json=bad, timeout=5)
         assert refused.status_code == 400 and refused.json()["error"].startswith("bad knob value"), (url, bad)
