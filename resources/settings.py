@@ -115,8 +115,9 @@ class Settings(BaseSettings):
         return f"{self.portal_base_url}/connections/{platform_id}/callback"
 
 
-def load_settings(settings_class: type[BaseSettings], env_prefix: str = ""):
-    """Instantiate a settings class from the environment and env files.
+def load_settings(settings_class: type[BaseSettings]):
+    """Instantiate a settings class from the environment and env files (variables named with the
+    class's ``env_prefix``, e.g. ``META_``).
 
     Raises:
         ConfigurationError: a value is invalid; one line per variable, named as it is set
@@ -128,8 +129,9 @@ def load_settings(settings_class: type[BaseSettings], env_prefix: str = ""):
     try:
         return settings_class()
     except ValidationError as exc:
-        problems = "; ".join(f"{(env_prefix + str(err['loc'][0])).upper() if err['loc'] else env_prefix or 'settings'}: "
-                             f"{err['msg']}" for err in exc.errors())
+        prefix = settings_class.model_config.get("env_prefix") or ""  # only pydantic classes get here
+        problems = "; ".join(f"{(prefix + str(err['loc'][0])).upper() if err['loc'] else 'settings'}: {err['msg']}"
+                             for err in exc.errors())
         raise ConfigurationError(f"invalid setting — {problems} (environment or .env)") from None
 
 

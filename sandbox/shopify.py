@@ -75,8 +75,8 @@ from urllib.parse import urlencode, urlsplit
 
 from flask import Blueprint, Response, jsonify, redirect, request
 
-from sandbox.common import (admin_blueprint, SHARED_CAMPAIGN_NAMES, FaultInjector, digest_units, read_state_file, redirect_allowed,
-                            request_body, seeded_random, stable_int, write_state_file)
+from sandbox.common import (SHARED_CAMPAIGN_NAMES, FaultInjector, admin_blueprint, digest_units, read_state_file,
+                            redirect_allowed, request_body, seeded_random, stable_int, write_state_file)
 
 log = logging.getLogger(__name__)
 

@@ -157,8 +157,7 @@ class Connector:
         if settings is None:
             from resources.settings import load_settings
 
-            cls = self.settings_class()
-            settings = load_settings(cls, str((getattr(cls, "model_config", None) or {}).get("env_prefix") or ""))
+            settings = load_settings(self.settings_class())
         self.settings = settings
 
     # ---- configuration -------------------------------------------------------------------------

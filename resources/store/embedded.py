@@ -109,7 +109,8 @@ class EmbeddedStore:
         self._log_file = open(log_path, "ab")
         log_start = self._log_file.tell()
         self.process = subprocess.Popen(
-            ["java", "-Xss4m", f"-Dstore.cacheMb={int(self.cache_mb)}", "-cp", f"{jar_dir}/*", str(LAUNCHER), "127.0.0.1", str(port), self.db_file],
+            ["java", "-Xss4m", f"-Dstore.cacheMb={int(self.cache_mb)}", "-cp", f"{jar_dir}/*", str(LAUNCHER),
+             "127.0.0.1", str(port), self.db_file],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log_file,
             start_new_session=True,
         )
